@@ -1,0 +1,128 @@
+//! The per-message decision: a [`Hook`] sees a [`MessageView`] and returns a
+//! [`Decision`] (destination topics, attributes to add, keep or drop).
+//!
+//! Invariants:
+//! - a hook never sees or changes the payload bytes that are published: the
+//!   core publishes the Kafka value untouched;
+//! - each worker thread owns its own hook instance (built by a
+//!   [`HookFactory`]), so a hook needs no locking and may keep state;
+//! - [`Decision::pass`] (the default) publishes to the configured topic with
+//!   the core's attributes only.
+
+use bytes::Bytes;
+
+use crate::envelope::{Envelope, Header};
+
+/// A read-only view of one Kafka message, as a hook sees it.
+#[derive(Clone, Copy)]
+pub struct MessageView<'a> {
+    envelope: &'a Envelope,
+}
+
+impl<'a> MessageView<'a> {
+    pub fn new(envelope: &'a Envelope) -> Self {
+        MessageView { envelope }
+    }
+    pub fn topic(&self) -> &'a str {
+        &self.envelope.topic
+    }
+    pub fn partition(&self) -> i32 {
+        self.envelope.partition
+    }
+    pub fn offset(&self) -> i64 {
+        self.envelope.offset
+    }
+    /// Milliseconds since the epoch, if the broker gave a timestamp.
+    pub fn timestamp_ms(&self) -> Option<i64> {
+        self.envelope.timestamp_ms
+    }
+    pub fn key(&self) -> Option<&'a [u8]> {
+        self.envelope.key.as_deref()
+    }
+    pub fn headers(&self) -> &'a [Header] {
+        &self.envelope.headers
+    }
+    /// The Kafka value, shared (not copied).
+    pub fn payload(&self) -> &'a Bytes {
+        &self.envelope.payload
+    }
+}
+
+/// What to do with one message.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Decision {
+    /// False drops the message: it is not published, and counts as handled.
+    pub keep: bool,
+    /// Destination topics (ids or full names); empty means the configured
+    /// default topic. More than one fans the message out.
+    pub topics: Vec<String>,
+    /// Attributes to add to the core's (hook attributes win on a clash).
+    pub attributes: Vec<(String, String)>,
+    /// A Pub/Sub ordering key; `None` for unordered publishing.
+    pub ordering_key: Option<String>,
+}
+
+impl Decision {
+    /// Publish to the default topic, unchanged.
+    pub fn pass() -> Decision {
+        Decision {
+            keep: true,
+            ..Decision::default()
+        }
+    }
+
+    /// Do not publish; the message still counts as handled for commits.
+    pub fn drop_message() -> Decision {
+        Decision::default()
+    }
+}
+
+/// Why a hook could not decide for a message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("hook {hook}: {message}")]
+pub struct HookError {
+    /// The hook's name (a script's path).
+    pub hook: String,
+    pub message: String,
+}
+
+/// A per-message decision maker. One instance per worker thread.
+pub trait Hook: Send {
+    /// Decides for one message.
+    ///
+    /// # Errors
+    /// [`HookError`] when the hook fails for this message; the worker then
+    /// applies the configured error policy.
+    fn decide(&mut self, message: &MessageView<'_>) -> Result<Decision, HookError>;
+}
+
+/// Builds one [`Hook`] per worker, so that workers share nothing mutable.
+pub trait HookFactory: Send + Sync {
+    /// The hook's name, for logs and errors.
+    fn name(&self) -> &str;
+
+    /// Builds a fresh hook instance.
+    ///
+    /// # Errors
+    /// [`HookError`] if the hook cannot be instantiated.
+    fn build(&self) -> Result<Box<dyn Hook>, HookError>;
+}
+
+/// The built-in hook: every message to the default topic, unchanged.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Passthrough;
+
+impl Hook for Passthrough {
+    fn decide(&mut self, _message: &MessageView<'_>) -> Result<Decision, HookError> {
+        Ok(Decision::pass())
+    }
+}
+
+impl HookFactory for Passthrough {
+    fn name(&self) -> &str {
+        "builtin:passthrough"
+    }
+    fn build(&self) -> Result<Box<dyn Hook>, HookError> {
+        Ok(Box::new(Passthrough))
+    }
+}

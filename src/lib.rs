@@ -1,0 +1,44 @@
+//! ztfhook moves astronomy alert streams from Kafka to Google Cloud Pub/Sub.
+//!
+//! A fixed core consumes with librdkafka, hands each message to a pool of
+//! worker threads that apply a [`hook`] (which decides the Pub/Sub topic, the
+//! attributes to add, and whether to keep the message), and publishes with the
+//! official `google-cloud-pubsub` crate. Kafka offsets are committed only after
+//! Pub/Sub has acknowledged every earlier message of the same partition.
+//!
+//! # Layout
+//!
+//! ```text
+//! config.rs        TOML -> raw serde structs -> validated, typed Config (once, at start-up)
+//! envelope.rs      the owned Kafka message that travels from the consumer to the publisher
+//! hook/mod.rs      the Hook trait: MessageView in, Decision out; the built-in pass-through
+//! attributes.rs    Pub/Sub attribute limits; Kafka metadata and headers as attributes
+//! offsets.rs       per-partition acknowledgement tracking -> the offsets safe to commit
+//! source/kafka.rs  consumer creation, subscription, rebalance handling, commits
+//! sink/pubsub.rs   publishers per topic, Pub/Sub limits, retries, health check
+//! pipeline.rs      the consumer loop, the crossbeam worker pool, back-pressure, drain
+//! shutdown.rs      the shared stop signal (SIGINT/SIGTERM or a fatal error)
+//! metrics.rs       counters, one place, and the periodic stats line
+//! ```
+//!
+//! # Delivery guarantee
+//!
+//! At least once. Every message the consumer receives is registered with the
+//! [`offsets::OffsetTracker`] before it is handed to a worker. A message is
+//! acknowledged when Pub/Sub has accepted it (for every destination topic), or
+//! when the hook dropped it on purpose. The offset committed for a partition is
+//! always one past the highest offset below which *every* message has been
+//! acknowledged, so a crash at any point re-delivers, and never skips, what
+//! Pub/Sub has not accepted. Messages in flight when a process dies may be
+//! published twice; their number is bounded by the in-flight limits.
+
+pub mod attributes;
+pub mod config;
+pub mod envelope;
+pub mod hook;
+pub mod metrics;
+pub mod offsets;
+pub mod pipeline;
+pub mod shutdown;
+pub mod sink;
+pub mod source;

@@ -1,0 +1,90 @@
+//! The shared stop signal.
+//!
+//! Two things stop the bridge: a request (SIGINT/SIGTERM) and a fatal error
+//! (a permanent Pub/Sub failure, a lost broker session). Either way the
+//! consumer stops fetching, the pipeline drains what is in flight within
+//! `pipeline.shutdown_timeout`, and the safe offsets are committed. Nothing
+//! that was not acknowledged by Pub/Sub is ever committed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// Set once; read by every long-running loop.
+#[derive(Debug, Default)]
+pub struct Shutdown {
+    stopping: AtomicBool,
+    /// The first fatal error, if the stop was caused by one.
+    fatal: OnceLock<String>,
+    /// Woken when the stop is requested, for threads that sleep.
+    wake: (Mutex<()>, std::sync::Condvar),
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks every loop to stop after draining.
+    pub fn request(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _guard = self.wake.0.lock();
+        self.wake.1.notify_all();
+    }
+
+    /// Stops with an error; the first error wins and is what the process reports.
+    pub fn fail(&self, error: impl Into<String>) {
+        let error = error.into();
+        if self.fatal.set(error.clone()).is_ok() {
+            tracing::error!("{error}");
+        }
+        self.request();
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// The fatal error that caused the stop, if any.
+    pub fn fatal(&self) -> Option<&str> {
+        self.fatal.get().map(String::as_str)
+    }
+
+    /// Sleeps up to `timeout`, waking early if a stop is requested.
+    pub fn sleep(&self, timeout: std::time::Duration) {
+        let guard = self.wake.0.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_stopping() {
+            return;
+        }
+        let _ = self.wake.1.wait_timeout(guard, timeout);
+    }
+}
+
+/// Turns the first SIGINT or SIGTERM into a drain; a second one exits at
+/// once (what was not committed is consumed again on restart).
+pub async fn listen_for_signals(shutdown: std::sync::Arc<Shutdown>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot listen for SIGINT/SIGTERM");
+        return;
+    };
+    let mut seen = 0;
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        seen += 1;
+        if seen == 1 {
+            tracing::info!("{name}: stopping after the in-flight messages are published and committed (send it again to exit at once)");
+            shutdown.request();
+        } else {
+            tracing::warn!(
+                "{name} again: exiting now; what was not committed will be consumed again"
+            );
+            std::process::exit(130);
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! The Kafka consumer: creation, start-up checks, subscription, rebalances and
+//! commits.
+//!
+//! Invariants:
+//! - librdkafka never commits or stores offsets by itself
+//!   (`enable.auto.commit=false`, `enable.auto.offset.store=false`); every
+//!   commit comes from the [`Ledger`]'s safe offsets;
+//! - on a partition revoke, the consumer waits (bounded) for that partition's
+//!   in-flight messages, commits its safe offset synchronously, and only then
+//!   lets the partition go, so its next owner starts where Pub/Sub's
+//!   acknowledgements end;
+//! - the ledger is touched only by the consumer thread (the rebalance callback
+//!   runs inside `poll`, on that thread): its mutex is never contended.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::Receiver;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::envelope::{Envelope, Header};
+use crate::metrics::Metrics;
+use crate::offsets::{Ack, OffsetTracker, Outcome, PartitionKey};
+
+/// How long the start-up check waits for the brokers.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a revoke waits for the revoked partitions' in-flight messages.
+const REVOKE_WAIT: Duration = Duration::from_secs(30);
+
+/// Errors from the Kafka side; each names its subject.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("kafka: cannot create the consumer: {0}")]
+    Create(String),
+    #[error("kafka: the brokers at `{servers}` did not answer: {message}")]
+    Unreachable { servers: String, message: String },
+    #[error("kafka topic `{topic}` does not exist on `{servers}`")]
+    TopicNotFound { topic: String, servers: String },
+    #[error("kafka topic `{topic}`: {message}")]
+    Topic { topic: String, message: String },
+    #[error("kafka: cannot subscribe to {topics:?}: {message}")]
+    Subscribe {
+        topics: Vec<String>,
+        message: String,
+    },
+    #[error("kafka: commit failed: {0}")]
+    Commit(String),
+}
+
+/// The consumer thread's book of in-flight messages and acknowledgements.
+pub struct Ledger {
+    pub tracker: OffsetTracker,
+    acks: Receiver<Ack>,
+    /// Messages acknowledged as `Failed`: resolved, but never committable.
+    failed: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Ledger {
+    pub fn new(acks: Receiver<Ack>, metrics: Arc<Metrics>) -> Ledger {
+        Ledger {
+            tracker: OffsetTracker::new(),
+            acks,
+            failed: 0,
+            metrics,
+        }
+    }
+
+    fn apply(&mut self, ack: Ack) {
+        let m = &self.metrics;
+        match ack.outcome {
+            Outcome::Failed => {
+                self.failed += 1;
+                m.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Outcome::Published { bytes } => {
+                m.published.fetch_add(1, Ordering::Relaxed);
+                m.published_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+            Outcome::Dropped => {
+                m.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::DeadLettered => {
+                m.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.tracker.ack(&ack.key, ack.offset);
+    }
+
+    /// Applies every acknowledgement waiting, without blocking.
+    pub fn drain(&mut self) {
+        while let Ok(ack) = self.acks.try_recv() {
+            self.apply(ack);
+        }
+    }
+
+    /// Waits up to `timeout` for one acknowledgement, then drains the rest.
+    pub fn drain_wait(&mut self, timeout: Duration) {
+        if let Ok(ack) = self.acks.recv_timeout(timeout) {
+            self.apply(ack);
+        }
+        self.drain();
+    }
+
+    /// Messages in flight that may still be acknowledged.
+    pub fn unresolved(&self) -> usize {
+        self.tracker
+            .in_flight_messages()
+            .saturating_sub(self.failed)
+    }
+
+    /// Updates the in-flight gauges.
+    pub fn publish_gauges(&self) {
+        self.metrics
+            .in_flight_messages
+            .store(self.tracker.in_flight_messages() as u64, Ordering::Relaxed);
+        self.metrics
+            .in_flight_bytes
+            .store(self.tracker.in_flight_bytes() as u64, Ordering::Relaxed);
+    }
+}
+
+/// librdkafka callbacks: rebalances, statistics, errors.
+pub struct SourceContext {
+    pub ledger: Mutex<Ledger>,
+    metrics: Arc<Metrics>,
+    /// Set after every rebalance: a new assignment starts unpaused.
+    pub assignment_changed: AtomicBool,
+    /// Set at shutdown: a revoke then commits without waiting for in-flight
+    /// messages (the drain already waited for them).
+    pub closing: AtomicBool,
+    /// The last error librdkafka reported, to explain a failed start-up check.
+    last_error: Mutex<Option<String>>,
+}
+
+impl SourceContext {
+    pub fn new(ledger: Ledger, metrics: Arc<Metrics>) -> SourceContext {
+        SourceContext {
+            ledger: Mutex::new(ledger),
+            metrics,
+            assignment_changed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// The ledger; never contended (see the module doc).
+    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, statistics: Statistics) {
+        let lag: i64 = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.iter())
+            .filter(|(p, _)| **p >= 0)
+            .map(|(_, p)| p.consumer_lag.max(0))
+            .sum();
+        self.metrics.lag.store(lag, Ordering::Relaxed);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!("kafka: {error}: {reason}");
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(format!("{error}: {reason}"));
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let revoked: Vec<PartitionKey> = tpl
+            .elements()
+            .iter()
+            .map(|e| PartitionKey {
+                topic: Arc::from(e.topic()),
+                partition: e.partition(),
+            })
+            .collect();
+        let mut ledger = self.ledger();
+        let deadline = Instant::now() + REVOKE_WAIT;
+        if !self.closing.load(Ordering::SeqCst) {
+            while revoked
+                .iter()
+                .map(|k| ledger.tracker.pending_in(k))
+                .sum::<usize>()
+                > 0
+                && Instant::now() < deadline
+            {
+                ledger.drain_wait(Duration::from_millis(20));
+            }
+        }
+        let commits: Vec<_> = ledger
+            .tracker
+            .safe_offsets()
+            .into_iter()
+            .filter(|(k, _)| revoked.contains(k))
+            .collect();
+        match commit(consumer, &commits, CommitMode::Sync) {
+            Ok(()) => tracing::info!(
+                "kafka: revoked {} partitions, committed {:?}",
+                revoked.len(),
+                Printable(&commits)
+            ),
+            Err(e) => tracing::warn!("kafka: revoked {} partitions; {e}", revoked.len()),
+        }
+        for k in &revoked {
+            let left = ledger.tracker.pending_in(k);
+            if left > 0 {
+                tracing::warn!(
+                    "kafka: {}[{}] revoked with {left} messages unacknowledged: they were not committed, and the partition's next owner consumes them again",
+                    k.topic,
+                    k.partition
+                );
+            }
+            ledger.tracker.remove(k);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.assignment_changed.store(true, Ordering::SeqCst);
+        match rebalance {
+            Rebalance::Assign(tpl) => tracing::info!("kafka: assigned {}", describe(tpl)),
+            Rebalance::Revoke(tpl) => tracing::info!("kafka: released {}", describe(tpl)),
+            Rebalance::Error(e) => tracing::warn!("kafka: rebalance error: {e}"),
+        }
+    }
+}
+
+fn describe(tpl: &TopicPartitionList) -> String {
+    let mut by_topic: HashMap<String, Vec<i32>> = HashMap::new();
+    for e in tpl.elements() {
+        by_topic
+            .entry(e.topic().to_string())
+            .or_default()
+            .push(e.partition());
+    }
+    let mut parts: Vec<String> = by_topic
+        .into_iter()
+        .map(|(t, mut ps)| {
+            ps.sort_unstable();
+            format!("{t}{ps:?}")
+        })
+        .collect();
+    parts.sort();
+    if parts.is_empty() {
+        "no partitions".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// Formats commits as `topic[partition]=offset`.
+pub struct Printable<'a>(pub &'a [(PartitionKey, i64)]);
+
+impl std::fmt::Debug for Printable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let items: Vec<String> = self
+            .0
+            .iter()
+            .map(|(k, o)| format!("{}[{}]={o}", k.topic, k.partition))
+            .collect();
+        write!(f, "{}", items.join(" "))
+    }
+}
+
+/// Commits offsets (each the next offset to consume).
+///
+/// # Errors
+/// [`SourceError::Commit`] with librdkafka's reason.
+pub fn commit(
+    consumer: &BaseConsumer<SourceContext>,
+    offsets: &[(PartitionKey, i64)],
+    mode: CommitMode,
+) -> Result<(), SourceError> {
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for (k, o) in offsets {
+        tpl.add_partition_offset(&k.topic, k.partition, Offset::Offset(*o))
+            .map_err(|e| SourceError::Commit(e.to_string()))?;
+    }
+    consumer
+        .commit(&tpl, mode)
+        .map_err(|e| SourceError::Commit(e.to_string()))
+}
+
+/// Creates the consumer from the validated properties.
+///
+/// # Errors
+/// [`SourceError::Create`] if librdkafka refuses the configuration.
+pub fn create(
+    config: &Config,
+    context: SourceContext,
+) -> Result<BaseConsumer<SourceContext>, SourceError> {
+    let mut cc = ClientConfig::new();
+    for (k, v) in &config.kafka.properties {
+        cc.set(k, v);
+    }
+    cc.set("enable.auto.commit", "false");
+    cc.set("enable.auto.offset.store", "false");
+    let stats_ms = config.pipeline.stats_interval.as_millis();
+    if stats_ms > 0
+        && !config
+            .kafka
+            .properties
+            .contains_key("statistics.interval.ms")
+    {
+        cc.set("statistics.interval.ms", stats_ms.to_string());
+    }
+    cc.create_with_context(context)
+        .map_err(|e| SourceError::Create(redact(config, &e.to_string())))
+}
+
+/// Removes secret values from a librdkafka message.
+fn redact(config: &Config, text: &str) -> String {
+    let mut out = text.to_string();
+    for (k, v) in &config.kafka.properties {
+        if crate::config::is_secret_property(k) && !v.is_empty() {
+            out = out.replace(v.as_str(), "<redacted>");
+        }
+    }
+    out
+}
+
+/// Checks that the brokers answer and that every named topic exists, then
+/// subscribes.
+///
+/// # Errors
+/// [`SourceError`] naming the brokers or the topic at fault.
+pub fn check_and_subscribe(
+    consumer: &BaseConsumer<SourceContext>,
+    config: &Config,
+) -> Result<(), SourceError> {
+    let servers = config
+        .kafka
+        .properties
+        .get("bootstrap.servers")
+        .cloned()
+        .unwrap_or_default();
+    let metadata = consumer
+        .fetch_metadata(None, METADATA_TIMEOUT)
+        .map_err(|e| {
+            let mut message = e.to_string();
+            if let Some(last) = consumer.context().last_error() {
+                message = format!("{message} (last error: {last})");
+            }
+            SourceError::Unreachable {
+                servers: servers.clone(),
+                message: redact(config, &message),
+            }
+        })?;
+    for name in config.kafka.topics.iter().filter(|t| !t.starts_with('^')) {
+        match metadata.topics().iter().find(|t| t.name() == name) {
+            None => {
+                return Err(SourceError::TopicNotFound {
+                    topic: name.clone(),
+                    servers,
+                })
+            }
+            Some(t) => match t.error() {
+                None => {}
+                Some(e) => {
+                    let code = rdkafka::types::RDKafkaErrorCode::from(e);
+                    if code == rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition {
+                        return Err(SourceError::TopicNotFound {
+                            topic: name.clone(),
+                            servers,
+                        });
+                    }
+                    return Err(SourceError::Topic {
+                        topic: name.clone(),
+                        message: code.to_string(),
+                    });
+                }
+            },
+        }
+    }
+    let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| SourceError::Subscribe {
+            topics: config.kafka.topics.clone(),
+            message: e.to_string(),
+        })
+}
+
+/// Copies a message out of librdkafka's buffer: the payload's one copy.
+pub fn envelope(message: &BorrowedMessage<'_>, topics: &mut HashMap<String, Arc<str>>) -> Envelope {
+    let topic = match topics.get(message.topic()) {
+        Some(t) => Arc::clone(t),
+        None => {
+            let t: Arc<str> = Arc::from(message.topic());
+            topics.insert(message.topic().to_string(), Arc::clone(&t));
+            t
+        }
+    };
+    let headers = message
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| Header {
+                    name: h.key.to_string(),
+                    value: h.value.map(Bytes::copy_from_slice),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Envelope {
+        topic,
+        partition: message.partition(),
+        offset: message.offset(),
+        timestamp_ms: message.timestamp().to_millis(),
+        key: message.key().map(Bytes::copy_from_slice),
+        headers,
+        payload: message
+            .payload()
+            .map(Bytes::copy_from_slice)
+            .unwrap_or_default(),
+    }
+}

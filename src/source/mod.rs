@@ -1,0 +1,3 @@
+//! Where messages come from. One source today: Kafka.
+
+pub mod kafka;
