@@ -470,6 +470,42 @@ impl Config {
     }
 }
 
+/// Replaces `${NAME}` and `${NAME:-default}` with environment variables, so
+/// that secrets and per-host values need not be written in the file.
+///
+/// # Errors
+/// A message naming the variable that is not set (and has no default).
+pub fn expand_env(value: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err("unclosed `${` (write `${NAME}` or `${NAME:-default}`)".into());
+        };
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("`${{{inner}}}` is not an environment variable reference"));
+        }
+        match lookup(name).filter(|v| !v.is_empty()).or(default.map(str::to_string)) {
+            Some(v) => out.push_str(&v),
+            None => return Err(format!("environment variable `{name}` is not set")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
 /// Flattens `[kafka]` (dotted keys become nested tables in TOML) back into
 /// librdkafka's `a.b.c` names.
 fn flatten(prefix: &str, table: toml::Table, out: &mut Vec<(String, toml::Value)>) {
@@ -503,6 +539,7 @@ fn validate_kafka(at: &Locator<'_>, table: toml::Table) -> Result<Kafka, ConfigE
                 let toml::Value::String(name) = item else {
                     return at.invalid(span(), &full, "every topic must be a string");
                 };
+                let name = expand_env(&name, &env_lookup).or_else(|m| at.invalid(span(), &full, m))?;
                 check_kafka_topic(&name).or_else(|m| at.invalid(span(), &full, m))?;
                 list.push(name);
             }
@@ -516,7 +553,7 @@ fn validate_kafka(at: &Locator<'_>, table: toml::Table) -> Result<Kafka, ConfigE
             return at.invalid(span(), &full, format!("cannot be set: {why}"));
         }
         let text = match value {
-            toml::Value::String(s) => s,
+            toml::Value::String(s) => expand_env(&s, &env_lookup).or_else(|m| at.invalid(span(), &full, m))?,
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Float(f) => f.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
@@ -606,7 +643,19 @@ fn check_kafka_topic(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn validate_pubsub(at: &Locator<'_>, raw: PubsubConfig) -> Result<Pubsub, ConfigError> {
+fn validate_pubsub(at: &Locator<'_>, mut raw: PubsubConfig) -> Result<Pubsub, ConfigError> {
+    let fields = [
+        ("pubsub.project", Some(&mut raw.project)),
+        ("pubsub.topic", Some(&mut raw.topic)),
+        ("pubsub.dead_letter_topic", raw.dead_letter_topic.as_mut()),
+        ("pubsub.endpoint", raw.endpoint.as_mut()),
+    ];
+    for (key, field) in fields {
+        if let Some(field) = field {
+            let expanded = expand_env(field.get_ref(), &env_lookup).or_else(|m| at.invalid(field.span(), key, m))?;
+            *field.get_mut() = expanded;
+        }
+    }
     let project = raw.project.get_ref().trim().to_string();
     if project.is_empty() || project.contains('/') {
         return at.invalid(
@@ -911,6 +960,23 @@ topic = "ztf-alerts"
     fn wrong_type_is_reported_by_the_parser_with_its_line() {
         let e = error(&format!("{MINIMAL}\n[pipeline]\nworkers = \"four\"\n"));
         assert!(e.contains("workers") && e.contains("line 12"), "{e}");
+    }
+
+    #[test]
+    fn environment_references_are_expanded_with_defaults() {
+        let env = |name: &str| (name == "SET").then(|| "value".to_string());
+        assert_eq!(expand_env("a-${SET}-b", &env).unwrap(), "a-value-b");
+        assert_eq!(expand_env("${UNSET:-127.0.0.1:9092}", &env).unwrap(), "127.0.0.1:9092");
+        assert_eq!(expand_env("${SET:-x}", &env).unwrap(), "value");
+        assert!(expand_env("${UNSET}", &env).unwrap_err().contains("`UNSET` is not set"));
+        assert!(expand_env("${OPEN", &env).unwrap_err().contains("unclosed"));
+    }
+
+    #[test]
+    fn missing_environment_variable_is_named_with_the_key() {
+        let e = error(&MINIMAL.replace("\"127.0.0.1:9092\"", "\"${ZTFHOOK_SURELY_UNSET_VAR}\""));
+        assert!(e.starts_with("test.toml:3:1: `kafka.bootstrap.servers`"), "{e}");
+        assert!(e.contains("`ZTFHOOK_SURELY_UNSET_VAR` is not set"), "{e}");
     }
 
     #[test]

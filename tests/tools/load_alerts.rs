@@ -1,0 +1,101 @@
+//! Loads alert files into a Kafka topic, for the demo and by hand.
+//!
+//! ```text
+//! cargo run --example load_alerts -- --bootstrap 127.0.0.1:9092 --topic T \
+//!     [--partitions N] [--copies K] FILE_OR_DIR...
+//! ```
+//! Creates the topic (if missing) with N partitions, then produces every file
+//! as one message, K times over, round-robin across partitions, and waits for
+//! every delivery report.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+fn usage() -> ! {
+    eprintln!("usage: load_alerts --bootstrap HOST:PORT --topic T [--partitions N] [--copies K] FILE_OR_DIR...");
+    std::process::exit(2)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let (mut bootstrap, mut topic, mut partitions, mut copies, mut paths) = (None, None, 4i32, 1usize, Vec::new());
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--bootstrap" => bootstrap = args.next(),
+            "--topic" => topic = args.next(),
+            "--partitions" => partitions = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            "--copies" => copies = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            _ if a.starts_with("--") => usage(),
+            _ => paths.push(PathBuf::from(a)),
+        }
+    }
+    let (Some(bootstrap), Some(topic)) = (bootstrap, topic) else { usage() };
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut inner: Vec<PathBuf> = std::fs::read_dir(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "avro"))
+                .collect();
+            inner.sort();
+            files.extend(inner);
+        } else {
+            files.push(p);
+        }
+    }
+    let payloads: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display())))
+        .collect();
+    if payloads.is_empty() {
+        usage()
+    }
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &bootstrap);
+    let admin: AdminClient<DefaultClientContext> = cc.create().expect("admin client");
+    let new = NewTopic::new(&topic, partitions, TopicReplication::Fixed(1));
+    let _ = admin.create_topics([&new], &AdminOptions::new()).await;
+    let producer: FutureProducer = cc
+        .clone()
+        .set("message.max.bytes", "12000000")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    let mut pending = Vec::new();
+    let mut n = 0usize;
+    for _ in 0..copies {
+        for p in &payloads {
+            let partition = (n % partitions as usize) as i32;
+            let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&topic).payload(p.as_slice()).partition(partition);
+            let mut record = record;
+            let future = loop {
+                match producer.send_result(record) {
+                    Ok(f) => break f,
+                    Err((e, r)) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) => {
+                        producer.poll(Duration::from_millis(50));
+                        record = r;
+                    }
+                    Err((e, _)) => panic!("produce: {e}"),
+                }
+            };
+            pending.push(future);
+            n += 1;
+            if pending.len() >= 500 {
+                for f in pending.drain(..) {
+                    let _ = f.await.expect("delivery report").unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+                }
+            }
+        }
+    }
+    for f in pending {
+        let _ = f.await.expect("delivery report").unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+    println!("produced {n} messages to {topic} ({partitions} partitions)");
+}
