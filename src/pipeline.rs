@@ -393,7 +393,8 @@ impl Worker {
             envelope.payload.len() + attrs.size() + ordering_key.as_ref().map_or(0, String::len);
         if size + longest + REQUEST_OVERHEAD > MAX_MESSAGE_BYTES {
             let reason = format!(
-                "message of {size} bytes (payload and attributes) is over Pub/Sub's {MAX_MESSAGE_BYTES}-byte request limit"
+                "message of {size} bytes (payload {}) is over Pub/Sub's {MAX_MESSAGE_BYTES}-byte request limit",
+                envelope.payload.len()
             );
             self.sink
                 .dead_letter(envelope, topics.first(), reason, false);

@@ -59,8 +59,10 @@ impl Shutdown {
     }
 }
 
-/// Turns the first SIGINT or SIGTERM into a drain; a second one exits at
-/// once (what was not committed is consumed again on restart).
+/// Turns the first SIGINT or SIGTERM into a drain; another one, a second or
+/// more later, exits at once (what was not committed is consumed again on
+/// restart). Signals within that second count as one: `timeout(1)` and some
+/// supervisors send the same signal to the process and to its group.
 pub async fn listen_for_signals(shutdown: std::sync::Arc<Shutdown>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -70,14 +72,18 @@ pub async fn listen_for_signals(shutdown: std::sync::Arc<Shutdown>) {
         tracing::warn!("cannot listen for SIGINT/SIGTERM");
         return;
     };
-    let mut seen = 0;
+    let mut first: Option<std::time::Instant> = None;
     loop {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        seen += 1;
-        if seen == 1 {
+        match first {
+            Some(at) if at.elapsed() < std::time::Duration::from_secs(1) => continue,
+            _ => {}
+        }
+        if first.is_none() {
+            first = Some(std::time::Instant::now());
             tracing::info!("{name}: stopping after the in-flight messages are published and committed (send it again to exit at once)");
             shutdown.request();
         } else {

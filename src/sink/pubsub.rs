@@ -364,7 +364,8 @@ impl PubsubSink {
 
     /// Sends a message that cannot go where it was going to the dead-letter
     /// topic, with the reason; stops the bridge if there is none.
-    /// `with_payload` is false when the payload itself is the problem (too large).
+    /// `with_payload` is false when the payload itself is the problem (too large):
+    /// the reason then stands in for it.
     pub fn dead_letter(
         self: &Arc<Self>,
         envelope: Envelope,

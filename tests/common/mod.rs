@@ -1,0 +1,469 @@
+//! Test support: the real services started by `scripts/services.sh` (a tansu
+//! broker and Google's Pub/Sub emulator), fresh topics and groups per test,
+//! and the `ztfhook` binary run as a child process.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use google_cloud_pubsub::client::{Subscriber, SubscriptionAdmin, TopicAdmin};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sha2::{Digest, Sha256};
+
+pub const PROJECT: &str = "ztfhook-test";
+
+/// Addresses of the running services, from `scripts/services.sh`'s env file.
+pub struct Services {
+    pub bootstrap: String,
+    pub scram_bootstrap: String,
+    pub scram_user: String,
+    pub scram_password: String,
+    pub emulator: String,
+}
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: integration tests need the real broker and Pub/Sub emulator; run them with scripts/test.sh"
+        )
+    })
+}
+
+pub fn services() -> Services {
+    Services {
+        bootstrap: var("ZTFHOOK_TEST_BOOTSTRAP"),
+        scram_bootstrap: var("ZTFHOOK_TEST_SCRAM_BOOTSTRAP"),
+        scram_user: var("ZTFHOOK_TEST_SCRAM_USER"),
+        scram_password: var("ZTFHOOK_TEST_SCRAM_PASSWORD"),
+        emulator: var("PUBSUB_EMULATOR_HOST"),
+    }
+}
+
+/// A name no other test (or earlier run on the same broker) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        % 1_000_000_000_000;
+    format!("{prefix}-{}-{}-{nanos}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// The sample alerts in the repository's test data: (file name, bytes).
+pub fn sample_alerts(survey: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/alerts").join(survey);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "avro"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect()
+}
+
+pub fn all_sample_alerts() -> Vec<Vec<u8>> {
+    let mut all: Vec<Vec<u8>> = sample_alerts("ztf").into_iter().map(|(_, b)| b).collect();
+    all.extend(sample_alerts("rubin").into_iter().map(|(_, b)| b));
+    all
+}
+
+pub fn digest(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// ---- Kafka ----------------------------------------------------------------
+
+pub fn kafka_config(bootstrap: &str, extra: &[(&str, &str)]) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", bootstrap);
+    for (k, v) in extra {
+        cc.set(*k, *v);
+    }
+    cc
+}
+
+pub async fn create_kafka_topic(cc: &ClientConfig, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = cc.create().expect("kafka admin client");
+    let results = admin
+        .create_topics([&NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .expect("create_topics");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}
+
+/// One message to produce.
+#[derive(Clone, Default)]
+pub struct Record {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub payload: Vec<u8>,
+}
+
+pub async fn produce(cc: &ClientConfig, topic: &str, records: &[Record]) {
+    let producer: FutureProducer = cc
+        .clone()
+        .set("message.max.bytes", "12000000")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    for chunk in records.chunks(100) {
+        let mut pending = Vec::new();
+        for r in chunk {
+            let mut headers = OwnedHeaders::new();
+            for (name, value) in &r.headers {
+                headers = headers.insert(rdkafka::message::Header {
+                    key: name,
+                    value: value.as_deref(),
+                });
+            }
+            let mut rec: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(topic).payload(r.payload.as_slice()).partition(r.partition).headers(headers);
+            if let Some(k) = &r.key {
+                rec = rec.key(k.as_slice());
+            }
+            // Enqueue now; the delivery reports are awaited below.
+            pending.push(producer.send_result(rec).unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}")));
+        }
+        for p in pending {
+            p.await
+                .expect("delivery report")
+                .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}"));
+        }
+    }
+}
+
+/// Spreads payloads round-robin over partitions.
+pub fn records(payloads: &[Vec<u8>], partitions: i32) -> Vec<Record> {
+    payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Record {
+            partition: i as i32 % partitions,
+            payload: p.clone(),
+            ..Record::default()
+        })
+        .collect()
+}
+
+/// The group's committed offset per partition (-1 where none).
+pub fn committed_offsets(cc: &ClientConfig, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = cc.clone().set("group.id", group).create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    (0..partitions)
+        .map(|p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => -1,
+        })
+        .collect()
+}
+
+/// Waits until the group's committed offsets equal `expected`.
+pub fn wait_for_commits(cc: &rdkafka::ClientConfig, group: &str, topic: &str, expected: &[i64]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = committed_offsets(cc, group, topic, expected.len() as i32);
+        if got == expected {
+            return;
+        }
+        assert!(Instant::now() < deadline, "committed {got:?}, expected {expected:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The end offset of each partition.
+pub fn high_watermarks(cc: &ClientConfig, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = cc.create().expect("consumer");
+    (0..partitions)
+        .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks").1)
+        .collect()
+}
+
+// ---- Pub/Sub --------------------------------------------------------------
+
+fn anonymous() -> google_cloud_auth::credentials::Credentials {
+    google_cloud_auth::credentials::anonymous::Builder::new().build()
+}
+
+pub fn topic_path(id: &str) -> String {
+    format!("projects/{PROJECT}/topics/{id}")
+}
+
+/// Creates a Pub/Sub topic and a subscription to it (named `{id}-sub`).
+pub async fn create_pubsub_topic(emulator: &str, id: &str) -> String {
+    let endpoint = format!("http://{emulator}");
+    let topics = TopicAdmin::builder()
+        .with_endpoint(&endpoint)
+        .with_credentials(anonymous())
+        .build()
+        .await
+        .expect("topic admin");
+    topics.create_topic().set_name(topic_path(id)).send().await.expect("create pubsub topic");
+    let subs = SubscriptionAdmin::builder()
+        .with_endpoint(&endpoint)
+        .with_credentials(anonymous())
+        .build()
+        .await
+        .expect("subscription admin");
+    let sub = format!("projects/{PROJECT}/subscriptions/{id}-sub");
+    subs.create_subscription()
+        .set_name(&sub)
+        .set_topic(topic_path(id))
+        .send()
+        .await
+        .expect("create subscription");
+    sub
+}
+
+/// A message as received from Pub/Sub.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub digest: String,
+    pub len: usize,
+    pub attributes: HashMap<String, String>,
+}
+
+impl Received {
+    /// (kafka.partition, kafka.offset)
+    pub fn coordinates(&self) -> (i32, i64) {
+        (
+            self.attributes["kafka.partition"].parse().unwrap(),
+            self.attributes["kafka.offset"].parse().unwrap(),
+        )
+    }
+}
+
+/// One streaming pull on a subscription, kept for a whole test (a stream
+/// dropped mid-test keeps leasing what it had buffered, hiding it from the
+/// next one). It runs on a thread and runtime of its own: two streams polled
+/// from one runtime starve the second.
+pub struct Inbox {
+    messages: tokio::sync::mpsc::UnboundedReceiver<Result<Received, String>>,
+    subscription: String,
+}
+
+impl Inbox {
+    pub async fn open(emulator: &str, subscription: &str) -> Inbox {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (endpoint, name) = (format!("http://{emulator}"), subscription.to_string());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let client = Subscriber::builder()
+                    .with_endpoint(endpoint)
+                    .with_credentials(anonymous())
+                    .build()
+                    .await
+                    .expect("subscriber");
+                let mut stream = client.subscribe(&name).build();
+                while let Some(item) = stream.next().await {
+                    let sent = match item {
+                        Ok((m, h)) => {
+                            h.ack();
+                            tx.send(Ok(Received {
+                                digest: digest(&m.data),
+                                len: m.data.len(),
+                                attributes: m.attributes.clone(),
+                            }))
+                        }
+                        Err(e) => tx.send(Err(e.to_string())),
+                    };
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+            });
+        });
+        Inbox {
+            messages: rx,
+            subscription: subscription.to_string(),
+        }
+    }
+
+    /// Receives (acknowledging everything) until `done` says so or `timeout`
+    /// passes; returns what arrived.
+    pub async fn pull_until(&mut self, timeout: Duration, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        while !done(&got) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(left, self.messages.recv()).await {
+                Ok(Some(Ok(m))) => got.push(m),
+                Ok(Some(Err(e))) => panic!("pull from {}: {e}", self.subscription),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        got
+    }
+
+    /// Receives until `n` messages arrived or `timeout` passes.
+    pub async fn pull(&mut self, n: usize, timeout: Duration) -> Vec<Received> {
+        self.pull_until(timeout, |g| g.len() >= n).await
+    }
+}
+
+/// Counts of each payload digest.
+pub fn digest_counts<'a>(items: impl IntoIterator<Item = &'a [u8]>) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for i in items {
+        *m.entry(digest(i)).or_insert(0) += 1;
+    }
+    m
+}
+
+// ---- the binary -----------------------------------------------------------
+
+/// The settings a test varies; the rest is `config/local.toml`'s shape.
+pub struct BridgeConfig {
+    pub bootstrap: String,
+    pub group: String,
+    pub topics: Vec<String>,
+    pub pubsub_topic: String,
+    pub dead_letter_topic: Option<String>,
+    pub kafka_extra: Vec<(String, String)>,
+    pub pipeline_extra: Vec<(String, String)>,
+    pub headers: bool,
+}
+
+impl BridgeConfig {
+    pub fn new(bootstrap: &str, group: &str, topic: &str, pubsub_topic: &str) -> Self {
+        BridgeConfig {
+            bootstrap: bootstrap.into(),
+            group: group.into(),
+            topics: vec![topic.into()],
+            pubsub_topic: pubsub_topic.into(),
+            dead_letter_topic: None,
+            kafka_extra: Vec::new(),
+            pipeline_extra: Vec::new(),
+            headers: false,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "[kafka]\n\"bootstrap.servers\" = \"{}\"\n\"group.id\" = \"{}\"\ntopics = {:?}\n\"fetch.wait.max.ms\" = 10\n",
+            self.bootstrap, self.group, self.topics
+        );
+        for (k, v) in &self.kafka_extra {
+            s.push_str(&format!("\"{k}\" = \"{v}\"\n"));
+        }
+        s.push_str(&format!("\n[pubsub]\nproject = \"{PROJECT}\"\ntopic = \"{}\"\n", self.pubsub_topic));
+        if let Some(d) = &self.dead_letter_topic {
+            s.push_str(&format!("dead_letter_topic = \"{d}\"\n"));
+        }
+        s.push_str("\n[pipeline]\nworkers = 2\nstats_interval_ms = 1000\ncommit_interval_ms = 200\nshutdown_timeout_ms = 20000\n");
+        for (k, v) in &self.pipeline_extra {
+            s.push_str(&format!("{k} = {v}\n"));
+        }
+        s.push_str(&format!("\n[attributes]\nkafka_metadata = true\nheaders = {}\n", self.headers));
+        s
+    }
+}
+
+/// A running `ztfhook` process; killed if still running when dropped.
+pub struct Bridge {
+    pub child: Child,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Bridge {
+    pub fn start(config: &BridgeConfig) -> Bridge {
+        Self::start_text(&config.render(), &[])
+    }
+
+    pub fn start_text(config: &str, args: &[&str]) -> Bridge {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ztfhook.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = dir.path().join("ztfhook.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_ztfhook"))
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .env("ZTFHOOK_LOG", "info,librdkafka=warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start ztfhook");
+        Bridge { child, log, _dir: dir }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `pattern`.
+    pub fn wait_for_log(&mut self, pattern: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log_text().contains(pattern) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("ztfhook exited ({status}) before logging {pattern:?}:\n{}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "no {pattern:?} in ztfhook's log after {timeout:?}:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!("ztfhook did not exit within {timeout:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal("TERM");
+        self.wait(Duration::from_secs(40))
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
