@@ -490,9 +490,14 @@ pub fn expand_env(value: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Resul
             None => (inner, None),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("`${{{inner}}}` is not an environment variable reference"));
+            return Err(format!(
+                "`${{{inner}}}` is not an environment variable reference"
+            ));
         }
-        match lookup(name).filter(|v| !v.is_empty()).or(default.map(str::to_string)) {
+        match lookup(name)
+            .filter(|v| !v.is_empty())
+            .or(default.map(str::to_string))
+        {
             Some(v) => out.push_str(&v),
             None => return Err(format!("environment variable `{name}` is not set")),
         }
@@ -539,7 +544,8 @@ fn validate_kafka(at: &Locator<'_>, table: toml::Table) -> Result<Kafka, ConfigE
                 let toml::Value::String(name) = item else {
                     return at.invalid(span(), &full, "every topic must be a string");
                 };
-                let name = expand_env(&name, &env_lookup).or_else(|m| at.invalid(span(), &full, m))?;
+                let name =
+                    expand_env(&name, &env_lookup).or_else(|m| at.invalid(span(), &full, m))?;
                 check_kafka_topic(&name).or_else(|m| at.invalid(span(), &full, m))?;
                 list.push(name);
             }
@@ -553,7 +559,9 @@ fn validate_kafka(at: &Locator<'_>, table: toml::Table) -> Result<Kafka, ConfigE
             return at.invalid(span(), &full, format!("cannot be set: {why}"));
         }
         let text = match value {
-            toml::Value::String(s) => expand_env(&s, &env_lookup).or_else(|m| at.invalid(span(), &full, m))?,
+            toml::Value::String(s) => {
+                expand_env(&s, &env_lookup).or_else(|m| at.invalid(span(), &full, m))?
+            }
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Float(f) => f.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
@@ -652,7 +660,8 @@ fn validate_pubsub(at: &Locator<'_>, mut raw: PubsubConfig) -> Result<Pubsub, Co
     ];
     for (key, field) in fields {
         if let Some(field) = field {
-            let expanded = expand_env(field.get_ref(), &env_lookup).or_else(|m| at.invalid(field.span(), key, m))?;
+            let expanded = expand_env(field.get_ref(), &env_lookup)
+                .or_else(|m| at.invalid(field.span(), key, m))?;
             *field.get_mut() = expanded;
         }
     }
@@ -966,16 +975,24 @@ topic = "ztf-alerts"
     fn environment_references_are_expanded_with_defaults() {
         let env = |name: &str| (name == "SET").then(|| "value".to_string());
         assert_eq!(expand_env("a-${SET}-b", &env).unwrap(), "a-value-b");
-        assert_eq!(expand_env("${UNSET:-127.0.0.1:9092}", &env).unwrap(), "127.0.0.1:9092");
+        assert_eq!(
+            expand_env("${UNSET:-127.0.0.1:9092}", &env).unwrap(),
+            "127.0.0.1:9092"
+        );
         assert_eq!(expand_env("${SET:-x}", &env).unwrap(), "value");
-        assert!(expand_env("${UNSET}", &env).unwrap_err().contains("`UNSET` is not set"));
+        assert!(expand_env("${UNSET}", &env)
+            .unwrap_err()
+            .contains("`UNSET` is not set"));
         assert!(expand_env("${OPEN", &env).unwrap_err().contains("unclosed"));
     }
 
     #[test]
     fn missing_environment_variable_is_named_with_the_key() {
         let e = error(&MINIMAL.replace("\"127.0.0.1:9092\"", "\"${ZTFHOOK_SURELY_UNSET_VAR}\""));
-        assert!(e.starts_with("test.toml:3:1: `kafka.bootstrap.servers`"), "{e}");
+        assert!(
+            e.starts_with("test.toml:3:1: `kafka.bootstrap.servers`"),
+            "{e}"
+        );
         assert!(e.contains("`ZTFHOOK_SURELY_UNSET_VAR` is not set"), "{e}");
     }
 

@@ -32,7 +32,10 @@ async fn every_alert_arrives_byte_for_byte_with_the_connector_attributes() {
     let got = inbox.pull(recs.len(), PULL).await;
     // Anything extra (a duplicate) would arrive right behind.
     let extra = inbox.pull(1, Duration::from_secs(2)).await;
-    assert!(extra.is_empty(), "published twice in a clean run: {extra:?}");
+    assert!(
+        extra.is_empty(),
+        "published twice in a clean run: {extra:?}"
+    );
 
     assert_eq!(got.len(), recs.len(), "log:\n{}", bridge.log_text());
     let sent = digest_counts(payloads.iter().map(Vec::as_slice));
@@ -46,8 +49,18 @@ async fn every_alert_arrives_byte_for_byte_with_the_connector_attributes() {
         let (partition, offset) = m.coordinates();
         let index = (offset * 4 + i64::from(partition)) as usize;
         let record = &recs[index];
-        assert_eq!(m.digest, digest(&record.payload), "payload of {partition}@{offset}");
-        let mut expected: BTreeSet<&str> = ["kafka.topic", "kafka.partition", "kafka.offset", "kafka.timestamp"].into();
+        assert_eq!(
+            m.digest,
+            digest(&record.payload),
+            "payload of {partition}@{offset}"
+        );
+        let mut expected: BTreeSet<&str> = [
+            "kafka.topic",
+            "kafka.partition",
+            "kafka.offset",
+            "kafka.timestamp",
+        ]
+        .into();
         if let Some(key) = &record.key {
             expected.insert("key");
             assert_eq!(m.attributes["key"].as_bytes(), key.as_slice());
@@ -56,7 +69,10 @@ async fn every_alert_arrives_byte_for_byte_with_the_connector_attributes() {
         assert_eq!(names, expected);
         assert_eq!(m.attributes["kafka.topic"], topic);
         let ts: i64 = m.attributes["kafka.timestamp"].parse().unwrap();
-        assert!((before_ms..=after_ms).contains(&ts), "timestamp {ts} not in the produce window");
+        assert!(
+            (before_ms..=after_ms).contains(&ts),
+            "timestamp {ts} not in the produce window"
+        );
     }
 
     let ends = high_watermarks(&cc, &topic, 4);
@@ -93,14 +109,22 @@ async fn a_restart_on_the_same_group_publishes_nothing_already_committed() {
     let mut second = Bridge::start(&config);
     second.wait_for_log("kafka: assigned", Duration::from_secs(60));
     let again = inbox.pull(1, Duration::from_secs(5)).await;
-    assert!(again.is_empty(), "already-committed messages were published again: {again:?}");
+    assert!(
+        again.is_empty(),
+        "already-committed messages were published again: {again:?}"
+    );
 
     // The second instance is live: new messages go through, and only they.
     produce(&cc, &topic, &records(&alerts[12..16], 2)).await;
     let new = inbox.pull(4, PULL).await;
     let mut coords: Vec<_> = new.iter().map(Received::coordinates).collect();
     coords.sort();
-    assert_eq!(coords, vec![(0, 6), (0, 7), (1, 6), (1, 7)], "log:\n{}", second.log_text());
+    assert_eq!(
+        coords,
+        vec![(0, 6), (0, 7), (1, 6), (1, 7)],
+        "log:\n{}",
+        second.log_text()
+    );
     assert!(inbox.pull(1, Duration::from_secs(2)).await.is_empty());
     assert_eq!(second.stop().code(), Some(0));
 }
@@ -117,13 +141,19 @@ async fn sigterm_mid_stream_commits_only_what_arrived_and_a_restart_delivers_the
     produce(&cc, &topic, &records(&payloads, 3)).await;
     let mut config = BridgeConfig::new(&s.bootstrap, &group, &topic, &ps);
     // A small in-flight bound keeps the bridge mid-stream when the signal comes.
-    config.pipeline_extra.push(("max_in_flight_messages".into(), "4".into()));
+    config
+        .pipeline_extra
+        .push(("max_in_flight_messages".into(), "4".into()));
 
     let mut first = Bridge::start(&config);
     let mut seen = inbox.pull(20, PULL).await;
     assert!(seen.len() >= 20);
     assert_eq!(first.stop().code(), Some(0), "log:\n{}", first.log_text());
-    assert!(first.log_text().contains("committed"), "{}", first.log_text());
+    assert!(
+        first.log_text().contains("committed"),
+        "{}",
+        first.log_text()
+    );
     seen.extend(inbox.pull(usize::MAX, Duration::from_secs(3)).await);
 
     // Every offset below a committed one was published before the commit.
@@ -131,23 +161,33 @@ async fn sigterm_mid_stream_commits_only_what_arrived_and_a_restart_delivers_the
     let published: HashSet<(i32, i64)> = seen.iter().map(Received::coordinates).collect();
     for (p, &c) in committed.iter().enumerate() {
         for o in 0..c.max(0) {
-            assert!(published.contains(&(p as i32, o)), "offset {p}@{o} committed ({committed:?}) but never published");
+            assert!(
+                published.contains(&(p as i32, o)),
+                "offset {p}@{o} committed ({committed:?}) but never published"
+            );
         }
     }
-    assert!(committed.iter().sum::<i64>() < 120, "the stop came mid-stream");
+    assert!(
+        committed.iter().sum::<i64>() < 120,
+        "the stop came mid-stream"
+    );
 
     let mut second = Bridge::start(&config);
-    let rest = inbox.pull_until(PULL, |got| {
-        let mut all = published.clone();
-        all.extend(got.iter().map(Received::coordinates));
-        all.len() >= 120
-    })
-    .await;
+    let rest = inbox
+        .pull_until(PULL, |got| {
+            let mut all = published.clone();
+            all.extend(got.iter().map(Received::coordinates));
+            all.len() >= 120
+        })
+        .await;
     let mut all = published.clone();
     all.extend(rest.iter().map(Received::coordinates));
     assert_eq!(all.len(), 120, "every message arrives at least once");
     let duplicates = seen.len() + rest.len() - 120;
-    eprintln!("sigterm test: {} publishes for 120 messages, {duplicates} duplicates", seen.len() + rest.len());
+    eprintln!(
+        "sigterm test: {} publishes for 120 messages, {duplicates} duplicates",
+        seen.len() + rest.len()
+    );
     wait_for_commits(&cc, &group, &topic, &[40, 40, 40]);
     assert_eq!(second.stop().code(), Some(0));
 }
@@ -193,7 +233,12 @@ async fn a_pubsub_topic_that_does_not_exist_is_named_at_start() {
     let (topic, group) = (unique("nops"), unique("group"));
     let cc = kafka_config(&s.bootstrap, &[]);
     create_kafka_topic(&cc, &topic, 1).await;
-    let mut bridge = Bridge::start(&BridgeConfig::new(&s.bootstrap, &group, &topic, "no-such-topic"));
+    let mut bridge = Bridge::start(&BridgeConfig::new(
+        &s.bootstrap,
+        &group,
+        &topic,
+        "no-such-topic",
+    ));
     let status = bridge.wait(Duration::from_secs(60));
     let log = bridge.log_text();
     assert_eq!(status.code(), Some(1), "{log}");
@@ -209,11 +254,19 @@ async fn a_kafka_topic_that_does_not_exist_is_named_at_start() {
     let ps = unique("nokafka");
     create_pubsub_topic(&s.emulator, &ps).await;
     let missing = unique("missing");
-    let mut bridge = Bridge::start(&BridgeConfig::new(&s.bootstrap, &unique("group"), &missing, &ps));
+    let mut bridge = Bridge::start(&BridgeConfig::new(
+        &s.bootstrap,
+        &unique("group"),
+        &missing,
+        &ps,
+    ));
     let status = bridge.wait(Duration::from_secs(60));
     let log = bridge.log_text();
     assert_eq!(status.code(), Some(1), "{log}");
-    assert!(log.contains(&format!("kafka topic `{missing}` does not exist")), "{log}");
+    assert!(
+        log.contains(&format!("kafka topic `{missing}` does not exist")),
+        "{log}"
+    );
 }
 
 #[test]
@@ -223,7 +276,10 @@ fn an_unknown_config_key_exits_with_code_2_naming_key_file_and_line() {
     let status = bridge.wait(Duration::from_secs(10));
     let log = bridge.log_text();
     assert_eq!(status.code(), Some(2), "{log}");
-    assert!(log.contains("ztfhook.toml:4:1: `kafka.bootstrap.serverz`"), "{log}");
+    assert!(
+        log.contains("ztfhook.toml:4:1: `kafka.bootstrap.serverz`"),
+        "{log}"
+    );
     assert!(log.contains("No such configuration property"), "{log}");
 }
 
@@ -238,7 +294,10 @@ fn scram(s: &Services, password: &str) -> Vec<(String, String)> {
 
 fn scram_client(s: &Services) -> rdkafka::ClientConfig {
     let extra = scram(s, &s.scram_password);
-    let pairs: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let pairs: Vec<(&str, &str)> = extra
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     kafka_config(&s.scram_bootstrap, &pairs)
 }
 
@@ -256,7 +315,10 @@ async fn scram_sha_512_with_the_right_password_delivers() {
     let mut bridge = Bridge::start(&config);
     let got = inbox.pull(alerts.len(), PULL).await;
     assert_eq!(got.len(), alerts.len(), "log:\n{}", bridge.log_text());
-    assert!(!bridge.log_text().contains(&s.scram_password), "the password was logged");
+    assert!(
+        !bridge.log_text().contains(&s.scram_password),
+        "the password was logged"
+    );
     assert_eq!(bridge.stop().code(), Some(0));
 }
 
@@ -273,7 +335,16 @@ async fn a_wrong_scram_password_stops_with_an_authentication_error_that_hides_it
     let status = bridge.wait(Duration::from_secs(60));
     let log = bridge.log_text();
     assert_eq!(status.code(), Some(1), "{log}");
-    assert!(log.contains(&format!("kafka: the brokers at `{}` did not answer", s.scram_bootstrap)), "{log}");
+    assert!(
+        log.contains(&format!(
+            "kafka: the brokers at `{}` did not answer",
+            s.scram_bootstrap
+        )),
+        "{log}"
+    );
     assert!(log.to_lowercase().contains("authentication"), "{log}");
-    assert!(!log.contains(wrong), "the password appears in the output:\n{log}");
+    assert!(
+        !log.contains(wrong),
+        "the password appears in the output:\n{log}"
+    );
 }

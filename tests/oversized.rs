@@ -24,7 +24,8 @@ async fn a_message_over_ten_megabytes_goes_to_the_dead_letter_topic_with_the_rea
     let cc = kafka_config(&mock.bootstrap_servers(), &[("compression.type", "zstd")]);
     mock.create_topic(&topic, 1, 1).expect("mock topic");
     let mut inbox = Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &ps).await).await;
-    let mut dead_inbox = Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &dlq).await).await;
+    let mut dead_inbox =
+        Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &dlq).await).await;
     let alert = sample_alerts("ztf").remove(0).1;
     let huge: Vec<u8> = (0..11_000_000u32).map(|i| (i % 251) as u8).collect();
     produce(&cc, &topic, &records(&[alert.clone(), huge, alert], 1)).await;
@@ -33,12 +34,25 @@ async fn a_message_over_ten_megabytes_goes_to_the_dead_letter_topic_with_the_rea
     let mut bridge = Bridge::start(&config);
 
     let dead = dead_inbox.pull(1, PULL).await;
-    assert_eq!(dead.len(), 1, "dead-letter messages: {dead:?}\nlog:\n{}", bridge.log_text());
+    assert_eq!(
+        dead.len(),
+        1,
+        "dead-letter messages: {dead:?}\nlog:\n{}",
+        bridge.log_text()
+    );
     let d = &dead[0];
-    assert!(d.len < 1_000, "the payload cannot fit, so the reason stands in for it ({} bytes)", d.len);
+    assert!(
+        d.len < 1_000,
+        "the payload cannot fit, so the reason stands in for it ({} bytes)",
+        d.len
+    );
     assert_eq!(d.attributes["kafka.offset"], "1");
     assert_eq!(d.attributes["kafka.topic"], topic);
-    assert!(d.attributes["ztfhook.error"].contains("(payload 11000000)"), "{:?}", d.attributes);
+    assert!(
+        d.attributes["ztfhook.error"].contains("(payload 11000000)"),
+        "{:?}",
+        d.attributes
+    );
     assert!(d.attributes["ztfhook.error"].contains("10000000-byte request limit"));
     assert_eq!(d.attributes["ztfhook.destination"], topic_path(&ps));
 
@@ -70,9 +84,17 @@ async fn a_message_over_ten_megabytes_without_a_dead_letter_topic_stops_the_brid
     let status = bridge.wait(Duration::from_secs(60));
     let log = bridge.log_text();
     assert_eq!(status.code(), Some(1), "log:\n{log}");
-    assert!(log.contains(&format!("{topic}[0]@1")), "the error names the message:\n{log}");
-    assert!(log.contains("no pubsub.dead_letter_topic is configured"), "{log}");
+    assert!(
+        log.contains(&format!("{topic}[0]@1")),
+        "the error names the message:\n{log}"
+    );
+    assert!(
+        log.contains("no pubsub.dead_letter_topic is configured"),
+        "{log}"
+    );
     let committed = committed_offsets(&cc, &group, &topic, 1)[0];
-    assert!(committed <= 1, "committed {committed}: past the message that was not published");
+    assert!(
+        committed <= 1,
+        "committed {committed}: past the message that was not published"
+    );
 }
-

@@ -441,3 +441,33 @@ pub fn envelope(message: &BorrowedMessage<'_>, topics: &mut HashMap<String, Arc<
             .unwrap_or_default(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn librdkafka_is_built_for_kerberos_scram_tls_and_zstd() {
+        let native = ClientConfig::new()
+            .create_native_config()
+            .expect("native config");
+        let features = native.get("builtin.features").expect("builtin.features");
+        let features: Vec<&str> = features.split(',').collect();
+        for needed in ["sasl_gssapi", "sasl_scram", "ssl", "zstd"] {
+            assert!(
+                features.contains(&needed),
+                "librdkafka lacks {needed}: {features:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn partitions_are_described_by_topic() {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("b", 1);
+        tpl.add_partition("a", 2);
+        tpl.add_partition("a", 0);
+        assert_eq!(describe(&tpl), "a[0, 2] b[1]");
+        assert_eq!(describe(&TopicPartitionList::new()), "no partitions");
+    }
+}

@@ -55,12 +55,18 @@ pub fn unique(prefix: &str) -> String {
         .unwrap()
         .as_nanos()
         % 1_000_000_000_000;
-    format!("{prefix}-{}-{}-{nanos}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// The sample alerts in the repository's test data: (file name, bytes).
 pub fn sample_alerts(survey: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/alerts").join(survey);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/alerts")
+        .join(survey);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -69,7 +75,12 @@ pub fn sample_alerts(survey: &str) -> Vec<(String, Vec<u8>)> {
     files.sort();
     files
         .into_iter()
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -80,7 +91,10 @@ pub fn all_sample_alerts() -> Vec<Vec<u8>> {
 }
 
 pub fn digest(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 // ---- Kafka ----------------------------------------------------------------
@@ -97,7 +111,14 @@ pub fn kafka_config(bootstrap: &str, extra: &[(&str, &str)]) -> ClientConfig {
 pub async fn create_kafka_topic(cc: &ClientConfig, topic: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = cc.create().expect("kafka admin client");
     let results = admin
-        .create_topics([&NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(
+            [&NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new(),
+        )
         .await
         .expect("create_topics");
     for r in results {
@@ -131,13 +152,19 @@ pub async fn produce(cc: &ClientConfig, topic: &str, records: &[Record]) {
                     value: value.as_deref(),
                 });
             }
-            let mut rec: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(topic).payload(r.payload.as_slice()).partition(r.partition).headers(headers);
+            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+                .payload(r.payload.as_slice())
+                .partition(r.partition)
+                .headers(headers);
             if let Some(k) = &r.key {
                 rec = rec.key(k.as_slice());
             }
             // Enqueue now; the delivery reports are awaited below.
-            pending.push(producer.send_result(rec).unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}")));
+            pending.push(
+                producer
+                    .send_result(rec)
+                    .unwrap_or_else(|(e, _)| panic!("produce to {topic}: {e}")),
+            );
         }
         for p in pending {
             p.await
@@ -162,17 +189,25 @@ pub fn records(payloads: &[Vec<u8>], partitions: i32) -> Vec<Record> {
 
 /// The group's committed offset per partition (-1 where none).
 pub fn committed_offsets(cc: &ClientConfig, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-    let consumer: BaseConsumer = cc.clone().set("group.id", group).create().expect("consumer");
+    let consumer: BaseConsumer = cc
+        .clone()
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition(topic, p);
     }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
     (0..partitions)
-        .map(|p| match committed.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => -1,
-        })
+        .map(
+            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => -1,
+            },
+        )
         .collect()
 }
 
@@ -184,7 +219,10 @@ pub fn wait_for_commits(cc: &rdkafka::ClientConfig, group: &str, topic: &str, ex
         if got == expected {
             return;
         }
-        assert!(Instant::now() < deadline, "committed {got:?}, expected {expected:?}");
+        assert!(
+            Instant::now() < deadline,
+            "committed {got:?}, expected {expected:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -193,7 +231,12 @@ pub fn wait_for_commits(cc: &rdkafka::ClientConfig, group: &str, topic: &str, ex
 pub fn high_watermarks(cc: &ClientConfig, topic: &str, partitions: i32) -> Vec<i64> {
     let consumer: BaseConsumer = cc.create().expect("consumer");
     (0..partitions)
-        .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks").1)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
         .collect()
 }
 
@@ -216,7 +259,12 @@ pub async fn create_pubsub_topic(emulator: &str, id: &str) -> String {
         .build()
         .await
         .expect("topic admin");
-    topics.create_topic().set_name(topic_path(id)).send().await.expect("create pubsub topic");
+    topics
+        .create_topic()
+        .set_name(topic_path(id))
+        .send()
+        .await
+        .expect("create pubsub topic");
     let subs = SubscriptionAdmin::builder()
         .with_endpoint(&endpoint)
         .with_credentials(anonymous())
@@ -265,7 +313,10 @@ impl Inbox {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (endpoint, name) = (format!("http://{emulator}"), subscription.to_string());
         std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             runtime.block_on(async move {
                 let client = Subscriber::builder()
                     .with_endpoint(endpoint)
@@ -300,7 +351,11 @@ impl Inbox {
 
     /// Receives (acknowledging everything) until `done` says so or `timeout`
     /// passes; returns what arrived.
-    pub async fn pull_until(&mut self, timeout: Duration, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+    pub async fn pull_until(
+        &mut self,
+        timeout: Duration,
+        done: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
         let deadline = Instant::now() + timeout;
         let mut got = Vec::new();
         while !done(&got) {
@@ -368,7 +423,10 @@ impl BridgeConfig {
         for (k, v) in &self.kafka_extra {
             s.push_str(&format!("\"{k}\" = \"{v}\"\n"));
         }
-        s.push_str(&format!("\n[pubsub]\nproject = \"{PROJECT}\"\ntopic = \"{}\"\n", self.pubsub_topic));
+        s.push_str(&format!(
+            "\n[pubsub]\nproject = \"{PROJECT}\"\ntopic = \"{}\"\n",
+            self.pubsub_topic
+        ));
         if let Some(d) = &self.dead_letter_topic {
             s.push_str(&format!("dead_letter_topic = \"{d}\"\n"));
         }
@@ -376,7 +434,10 @@ impl BridgeConfig {
         for (k, v) in &self.pipeline_extra {
             s.push_str(&format!("{k} = {v}\n"));
         }
-        s.push_str(&format!("\n[attributes]\nkafka_metadata = true\nheaders = {}\n", self.headers));
+        s.push_str(&format!(
+            "\n[attributes]\nkafka_metadata = true\nheaders = {}\n",
+            self.headers
+        ));
         s
     }
 }
@@ -408,7 +469,11 @@ impl Bridge {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start ztfhook");
-        Bridge { child, log, _dir: dir }
+        Bridge {
+            child,
+            log,
+            _dir: dir,
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -420,9 +485,16 @@ impl Bridge {
         let deadline = Instant::now() + timeout;
         while !self.log_text().contains(pattern) {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("ztfhook exited ({status}) before logging {pattern:?}:\n{}", self.log_text());
+                panic!(
+                    "ztfhook exited ({status}) before logging {pattern:?}:\n{}",
+                    self.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "no {pattern:?} in ztfhook's log after {timeout:?}:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "no {pattern:?} in ztfhook's log after {timeout:?}:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -446,7 +518,10 @@ impl Bridge {
             }
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
-                panic!("ztfhook did not exit within {timeout:?}:\n{}", self.log_text());
+                panic!(
+                    "ztfhook did not exit within {timeout:?}:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

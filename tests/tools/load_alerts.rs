@@ -24,18 +24,31 @@ fn usage() -> ! {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut bootstrap, mut topic, mut partitions, mut copies, mut paths) = (None, None, 4i32, 1usize, Vec::new());
+    let (mut bootstrap, mut topic, mut partitions, mut copies, mut paths) =
+        (None, None, 4i32, 1usize, Vec::new());
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bootstrap" => bootstrap = args.next(),
             "--topic" => topic = args.next(),
-            "--partitions" => partitions = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
-            "--copies" => copies = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            "--partitions" => {
+                partitions = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
+            "--copies" => {
+                copies = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
             _ if a.starts_with("--") => usage(),
             _ => paths.push(PathBuf::from(a)),
         }
     }
-    let (Some(bootstrap), Some(topic)) = (bootstrap, topic) else { usage() };
+    let (Some(bootstrap), Some(topic)) = (bootstrap, topic) else {
+        usage()
+    };
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -73,12 +86,17 @@ async fn main() {
     for _ in 0..copies {
         for p in &payloads {
             let partition = (n % partitions as usize) as i32;
-            let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&topic).payload(p.as_slice()).partition(partition);
+            let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&topic)
+                .payload(p.as_slice())
+                .partition(partition);
             let mut record = record;
             let future = loop {
                 match producer.send_result(record) {
                     Ok(f) => break f,
-                    Err((e, r)) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) => {
+                    Err((e, r))
+                        if e.rdkafka_error_code()
+                            == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+                    {
                         producer.poll(Duration::from_millis(50));
                         record = r;
                     }
@@ -89,13 +107,19 @@ async fn main() {
             n += 1;
             if pending.len() >= 500 {
                 for f in pending.drain(..) {
-                    let _ = f.await.expect("delivery report").unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+                    let _ = f
+                        .await
+                        .expect("delivery report")
+                        .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
                 }
             }
         }
     }
     for f in pending {
-        let _ = f.await.expect("delivery report").unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+        let _ = f
+            .await
+            .expect("delivery report")
+            .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
     }
     println!("produced {n} messages to {topic} ({partitions} partitions)");
 }
