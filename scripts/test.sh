@@ -15,4 +15,11 @@ source "$services/env"
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --locked "$@"
+log=$(mktemp "${TMPDIR:-/tmp}/ztfhook-test.XXXXXX")
+status=0
+cargo test --locked "$@" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$status"

@@ -9,14 +9,13 @@ use clap::{Parser, Subcommand};
 #[command(name = "ztfhook", version, about)]
 pub struct Cli {
     /// The configuration file (TOML).
-    #[arg(
-        long,
-        short,
-        global = true,
-        default_value = "config/local.toml",
-        env = "ZTFHOOK_CONFIG"
-    )]
+    #[arg(long, short, global = true, default_value = "config/local.toml", env = "ZTFHOOK_CONFIG")]
     pub config: PathBuf,
+
+    /// The hook script (.rhai or .lua); overrides `hook.script` in the config.
+    /// Edits to it are picked up while the bridge runs.
+    #[arg(long, short, global = true, env = "ZTFHOOK_SCRIPT")]
+    pub script: Option<PathBuf>,
 
     /// Log filter, e.g. `info`, `debug`, `ztfhook=debug,librdkafka=warn`.
     #[arg(long, global = true, default_value = "info", env = "ZTFHOOK_LOG")]
@@ -32,4 +31,16 @@ pub enum Command {
     Run,
     /// Validate the configuration file and print it (secrets redacted).
     CheckConfig,
+    /// Run the hook (--script) on alert files offline and print each decision.
+    Check {
+        /// The Kafka topic the files are taken to come from.
+        #[arg(long, default_value = "ztf_20260101_programid1")]
+        topic: String,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Alert files (one Kafka message value each), or directories of `.avro` files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }

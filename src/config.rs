@@ -65,6 +65,29 @@ pub struct Config {
     pub batching: Batching,
     pub pipeline: Pipeline,
     pub attributes: AttributeOptions,
+    pub hook: HookOptions,
+}
+
+/// What a hook failure does to the message it failed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorPolicy {
+    /// Publish it to the configured topic, with the error in `ztfhook.error`.
+    Passthrough,
+    /// Publish it to the dead-letter topic, with the error in `ztfhook.error`.
+    DeadLetter,
+    /// Do not publish it (counted as dropped, logged).
+    Drop,
+    /// Stop the bridge without committing it.
+    Stop,
+}
+
+/// The hook: a script (or the built-in pass-through) and its error policy.
+#[derive(Debug, Clone)]
+pub struct HookOptions {
+    /// `None`: the built-in pass-through.
+    pub script: Option<PathBuf>,
+    pub on_error: ErrorPolicy,
+    pub limits: crate::hook::script::Limits,
 }
 
 /// Kafka: librdkafka properties and what to subscribe to.
@@ -260,6 +283,16 @@ struct ConfigFile {
     pipeline: PipelineConfig,
     #[serde(default)]
     attributes: AttributesConfig,
+    #[serde(default)]
+    hook: HookConfig,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct HookConfig {
+    script: Option<Spanned<String>>,
+    on_error: Option<Spanned<String>>,
+    max_operations: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -449,6 +482,7 @@ impl Config {
         let pubsub = validate_pubsub(&at, file.pubsub)?;
         let batching = validate_batching(&at, file.batching)?;
         let pipeline = validate_pipeline(&at, file.pipeline)?;
+        let hook = validate_hook(&at, file.hook, pubsub.dead_letter_topic.is_some())?;
         Ok(Config {
             source: path.to_path_buf(),
             kafka,
@@ -459,6 +493,7 @@ impl Config {
                 kafka_metadata: file.attributes.kafka_metadata,
                 headers: file.attributes.headers,
             },
+            hook,
         })
     }
 
@@ -702,6 +737,39 @@ fn validate_pubsub(at: &Locator<'_>, mut raw: PubsubConfig) -> Result<Pubsub, Co
         dead_letter_topic,
         endpoint,
     })
+}
+
+fn validate_hook(at: &Locator<'_>, raw: HookConfig, has_dead_letter_topic: bool) -> Result<HookOptions, ConfigError> {
+    let script = match raw.script {
+        Some(s) => {
+            let path = PathBuf::from(expand_env(s.get_ref(), &env_lookup).or_else(|m| at.invalid(s.span(), "hook.script", m))?);
+            crate::hook::script::Language::of(&path).or_else(|m| at.invalid(s.span(), "hook.script", m))?;
+            Some(path)
+        }
+        None => None,
+    };
+    let on_error = match raw.on_error {
+        None => ErrorPolicy::Passthrough,
+        Some(p) => match p.get_ref().as_str() {
+            "passthrough" => ErrorPolicy::Passthrough,
+            "deadletter" if has_dead_letter_topic => ErrorPolicy::DeadLetter,
+            "deadletter" => return at.invalid(p.span(), "hook.on_error", "`deadletter` needs pubsub.dead_letter_topic"),
+            "drop" => ErrorPolicy::Drop,
+            "stop" => ErrorPolicy::Stop,
+            other => {
+                return at.invalid(
+                    p.span(),
+                    "hook.on_error",
+                    format!("`{other}` is not a policy: passthrough, deadletter, drop or stop"),
+                )
+            }
+        },
+    };
+    let mut limits = crate::hook::script::Limits::default();
+    if let Some(ops) = raw.max_operations {
+        limits.max_operations = in_range(at, &ops, "hook.max_operations", 1_000..=1_000_000_000, "operations per script call")? as u64;
+    }
+    Ok(HookOptions { script, on_error, limits })
 }
 
 fn in_range(
@@ -994,6 +1062,19 @@ topic = "ztf-alerts"
             "{e}"
         );
         assert!(e.contains("`ZTFHOOK_SURELY_UNSET_VAR` is not set"), "{e}");
+    }
+
+    #[test]
+    fn hook_policy_defaults_to_passthrough_and_deadletter_needs_a_topic() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.hook.on_error, ErrorPolicy::Passthrough);
+        assert!(c.hook.script.is_none());
+        let e = error(&format!("{MINIMAL}\n[hook]\non_error = \"deadletter\"\n"));
+        assert!(e.contains("`hook.on_error`: `deadletter` needs pubsub.dead_letter_topic"), "{e}");
+        let e = error(&format!("{MINIMAL}\n[hook]\non_error = \"ignore\"\n"));
+        assert!(e.contains("test.toml:12:12: `hook.on_error`"), "{e}");
+        let e = error(&format!("{MINIMAL}\n[hook]\nscript = \"route.py\"\n"));
+        assert!(e.contains("`hook.script`") && e.contains(".rhai or .lua"), "{e}");
     }
 
     #[test]

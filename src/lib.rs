@@ -33,6 +33,7 @@
 //! published twice; their number is bounded by the in-flight limits.
 
 pub mod attributes;
+pub mod check;
 pub mod config;
 pub mod envelope;
 pub mod hook;

@@ -1,5 +1,6 @@
 //! The `ztfhook` binary: parse flags, set up logging, call the library, and
-//! turn its result into an exit code (0 ok, 1 runtime error, 2 bad config).
+//! turn its result into an exit code (0 ok, 1 runtime error, 2 bad config or
+//! script).
 
 mod cli;
 
@@ -8,17 +9,31 @@ use std::sync::Arc;
 
 use clap::Parser;
 use ztfhook::config::Config;
-use ztfhook::hook::Passthrough;
+use ztfhook::hook::reload::ScriptHooks;
+use ztfhook::hook::script::Limits;
+use ztfhook::hook::{HookFactory, Passthrough};
 use ztfhook::shutdown::Shutdown;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
+    if let Some(cli::Command::Check { topic, json, files }) = &cli.command {
+        let Some(script) = &cli.script else {
+            eprintln!("ztfhook: check needs --script FILE");
+            return ExitCode::from(2);
+        };
+        return match ztfhook::check::run(script, Limits::default(), topic, files, *json) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("ztfhook: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -26,29 +41,43 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command.unwrap_or(cli::Command::Run) {
-        cli::Command::CheckConfig => {
-            println!("{config:#?}");
+    if let Some(cli::Command::CheckConfig) = cli.command {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    let script = cli.script.clone().or_else(|| config.hook.script.clone());
+    let mut _watcher = None;
+    let hooks: Arc<dyn HookFactory> = match script {
+        None => Arc::new(Passthrough),
+        Some(path) => match ScriptHooks::load(&path, config.hook.limits) {
+            Ok(hooks) => {
+                match hooks.watch() {
+                    Ok(w) => _watcher = Some(w),
+                    Err(e) => tracing::warn!("{}: cannot watch for edits: {e}", path.display()),
+                }
+                Arc::new(hooks)
+            }
+            Err(e) => {
+                eprintln!("ztfhook: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let shutdown = Arc::new(Shutdown::new());
+    match ztfhook::pipeline::run(config, hooks, shutdown) {
+        Ok(summary) => {
+            tracing::info!(
+                "stopped: consumed {} published {} dropped {} dead-lettered {}",
+                summary.consumed,
+                summary.published,
+                summary.dropped,
+                summary.dead_lettered
+            );
             ExitCode::SUCCESS
         }
-        cli::Command::Run => {
-            let shutdown = Arc::new(Shutdown::new());
-            match ztfhook::pipeline::run(config, Arc::new(Passthrough), shutdown) {
-                Ok(summary) => {
-                    tracing::info!(
-                        "stopped: consumed {} published {} dropped {} dead-lettered {}",
-                        summary.consumed,
-                        summary.published,
-                        summary.dropped,
-                        summary.dead_lettered
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ztfhook: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+        Err(e) => {
+            eprintln!("ztfhook: {e:#}");
+            ExitCode::from(1)
         }
     }
 }

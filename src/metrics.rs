@@ -23,6 +23,8 @@ pub struct Metrics {
     /// Kafka key/header attributes left out for breaking Pub/Sub limits.
     pub omitted_attributes: AtomicU64,
     pub commits: AtomicU64,
+    /// Messages the hook failed on (script error, invalid decision).
+    pub hook_errors: AtomicU64,
     pub in_flight_messages: AtomicU64,
     pub in_flight_bytes: AtomicU64,
     /// Sum of consumer lag over assigned partitions, from librdkafka statistics; -1 if unknown.
@@ -72,7 +74,7 @@ impl StatsLine {
         let rate = |i: usize| (now[i] - self.last[i]) as f64 / secs;
         let lag = m.lag.load(Relaxed);
         tracing::info!(
-            "stats: consumed {:.0} msg/s {:.2} MB/s, published {:.0} msg/s {:.2} MB/s; totals consumed {} published {} dropped {} dead-lettered {} failed {} retries {}; in flight {} msgs {:.1} MB; lag {}",
+            "stats: consumed {:.0} msg/s {:.2} MB/s, published {:.0} msg/s {:.2} MB/s; totals consumed {} published {} dropped {} dead-lettered {} failed {} retries {} hook errors {}; in flight {} msgs {:.1} MB; lag {}",
             rate(0),
             rate(1) / 1e6,
             rate(2),
@@ -83,6 +85,7 @@ impl StatsLine {
             m.dead_lettered.load(Relaxed),
             m.failed.load(Relaxed),
             m.retries.load(Relaxed),
+            m.hook_errors.load(Relaxed),
             m.in_flight_messages.load(Relaxed),
             m.in_flight_bytes.load(Relaxed) as f64 / 1e6,
             if lag < 0 { "unknown".to_string() } else { lag.to_string() },

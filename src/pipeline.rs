@@ -28,7 +28,7 @@ use google_cloud_pubsub::client::Publisher;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 
 use crate::attributes::{self, MAX_MESSAGE_BYTES};
-use crate::config::{Config, TopicName};
+use crate::config::{Config, ErrorPolicy, TopicName};
 use crate::envelope::Envelope;
 use crate::hook::{Decision, Hook, HookFactory, MessageView};
 use crate::metrics::{Metrics, StatsLine};
@@ -111,6 +111,7 @@ pub fn run(
             Arc::clone(&sink),
             ack_tx.clone(),
             Arc::clone(&metrics),
+            Arc::clone(&shutdown),
         ));
     }
     drop(ack_tx);
@@ -309,6 +310,10 @@ struct Worker {
     sink: Arc<PubsubSink>,
     acks: crossbeam_channel::Sender<Ack>,
     metrics: Arc<Metrics>,
+    shutdown: Arc<Shutdown>,
+    policy: ErrorPolicy,
+    /// Hook errors this worker has seen, to thin out their log lines.
+    errors: u64,
     options: crate::config::AttributeOptions,
     project: String,
     default_topic: TopicName,
@@ -324,6 +329,7 @@ impl Worker {
         sink: Arc<PubsubSink>,
         acks: crossbeam_channel::Sender<Ack>,
         metrics: Arc<Metrics>,
+        shutdown: Arc<Shutdown>,
     ) -> Worker {
         let default_topic = config.pubsub.topic.clone();
         let default_publisher = vec![sink.publisher(&default_topic)];
@@ -332,6 +338,9 @@ impl Worker {
             sink,
             acks,
             metrics,
+            shutdown,
+            policy: config.hook.on_error,
+            errors: 0,
             options: config.attributes,
             project: config.pubsub.project.clone(),
             default_topic,
@@ -349,10 +358,7 @@ impl Worker {
     fn handle(&mut self, envelope: Envelope) {
         let decision = match self.hook.decide(&MessageView::new(&envelope)) {
             Ok(d) => d,
-            Err(e) => {
-                self.sink.dead_letter(envelope, None, e.to_string(), true);
-                return;
-            }
+            Err(e) => return self.hook_failed(envelope, e.to_string()),
         };
         if !decision.keep {
             let _ = self.acks.send(Ack::new(&envelope, Outcome::Dropped));
@@ -366,38 +372,70 @@ impl Worker {
         } = decision;
         let (topics, publishers) = match self.resolve(&named) {
             Ok(t) => t,
-            Err(why) => {
-                self.sink.dead_letter(envelope, None, why, true);
-                return;
-            }
+            Err(why) => return self.hook_failed(envelope, why),
         };
         let attrs = match attributes::build(&self.options, &envelope, &hook_attributes) {
             Ok(a) => a,
-            Err(v) => {
-                self.sink.dead_letter(
-                    envelope,
-                    topics.first(),
-                    format!("hook attributes: {v}"),
-                    true,
-                );
-                return;
-            }
+            Err(v) => return self.hook_failed(envelope, format!("hook attributes: {v}")),
         };
+        self.send(envelope, topics, publishers, attrs, hook_attributes, ordering_key);
+    }
+
+    /// Applies `hook.on_error` to a message the hook failed on.
+    fn hook_failed(&mut self, envelope: Envelope, reason: String) {
+        self.metrics.hook_errors.fetch_add(1, Ordering::Relaxed);
+        self.errors += 1;
+        let at = format!("{}[{}]@{}", envelope.topic, envelope.partition, envelope.offset);
+        if self.errors <= 10 || self.errors.is_power_of_two() {
+            tracing::warn!("{at}: {reason} (hook.on_error = {:?}; {} hook errors in this worker)", self.policy, self.errors);
+        }
+        match self.policy {
+            ErrorPolicy::Passthrough => {
+                let hook_attributes = vec![(
+                    attributes::ERROR.to_string(),
+                    crate::sink::pubsub::truncate(&reason, attributes::MAX_VALUE_BYTES),
+                )];
+                let attrs = match attributes::build(&self.options, &envelope, &hook_attributes) {
+                    Ok(a) => a,
+                    Err(v) => unreachable!("ztfhook.error is within limits: {v}"),
+                };
+                let topics = vec![self.default_topic.clone()];
+                let publishers = self.default_publisher.clone();
+                self.send(envelope, topics, publishers, attrs, hook_attributes, None);
+            }
+            ErrorPolicy::DeadLetter => self.sink.dead_letter(envelope, None, reason, true),
+            ErrorPolicy::Drop => {
+                let _ = self.acks.send(Ack::new(&envelope, Outcome::Dropped));
+            }
+            ErrorPolicy::Stop => {
+                self.shutdown
+                    .fail(format!("{at}: {reason}; hook.on_error = \"stop\", so the bridge stops without committing it"));
+                let _ = self.acks.send(Ack::new(&envelope, Outcome::Failed));
+            }
+        }
+    }
+
+    /// Checks the size against Pub/Sub's limit, then publishes.
+    fn send(
+        &mut self,
+        envelope: Envelope,
+        topics: Vec<TopicName>,
+        publishers: Vec<Publisher>,
+        attrs: attributes::Attributes,
+        hook_attributes: Vec<(String, String)>,
+        ordering_key: Option<String>,
+    ) {
         if attrs.omitted > 0 {
-            self.metrics
-                .omitted_attributes
-                .fetch_add(attrs.omitted as u64, Ordering::Relaxed);
+            self.metrics.omitted_attributes.fetch_add(attrs.omitted as u64, Ordering::Relaxed);
         }
         let longest = topics.iter().map(|t| t.as_str().len()).max().unwrap_or(0);
-        let size =
-            envelope.payload.len() + attrs.size() + ordering_key.as_ref().map_or(0, String::len);
+        let size = envelope.payload.len() + attrs.size() + ordering_key.as_ref().map_or(0, String::len);
         if size + longest + REQUEST_OVERHEAD > MAX_MESSAGE_BYTES {
             let reason = format!(
                 "message of {size} bytes (payload {}) is over Pub/Sub's {MAX_MESSAGE_BYTES}-byte request limit",
                 envelope.payload.len()
             );
-            self.sink
-                .dead_letter(envelope, topics.first(), reason, false);
+            self.sink.dead_letter(envelope, topics.first(), reason, false);
             return;
         }
         self.sink.publish(

@@ -9,6 +9,11 @@
 //! - [`Decision::pass`] (the default) publishes to the configured topic with
 //!   the core's attributes only.
 
+pub mod lua;
+pub mod reload;
+pub mod rhai;
+pub mod script;
+
 use bytes::Bytes;
 
 use crate::envelope::{Envelope, Header};

@@ -1,0 +1,201 @@
+//! Rhai hooks.
+//!
+//! Invariants: the AST is compiled once and shared; each worker has its own
+//! `Engine` (one engine shared by threads serialises them on its string
+//! interner); limits on operations, strings, arrays, maps and call depth are
+//! set in one place ([`engine`]); there is no file access and no `eval`;
+//! `print` and `debug` go to the program's log.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rhai::{Array, Blob, Dynamic, Engine, Map, Scope, AST};
+
+use crate::hook::script::{sample, Compiled, Limits, Returned, ScriptMessage, DECISION_KEYS};
+use crate::hook::{Decision, Hook, HookError, MessageView};
+
+/// A compiled Rhai script.
+pub struct RhaiScript {
+    path: PathBuf,
+    ast: Arc<AST>,
+    limits: Limits,
+}
+
+/// An engine with ztfhook's limits, helpers and message type.
+fn engine(path: &str, limits: Limits) -> Engine {
+    let mut engine = Engine::new();
+    engine.set_max_operations(limits.max_operations);
+    engine.set_max_string_size(limits.max_string_bytes);
+    // Rhai counts a BLOB (the payload) against the array limit.
+    engine.set_max_array_size(limits.max_collection_len.max(limits.max_string_bytes));
+    engine.set_max_map_size(limits.max_collection_len);
+    engine.set_max_call_levels(64);
+    engine.set_max_expr_depths(128, 64);
+    engine.disable_symbol("eval");
+    let name = path.to_string();
+    engine.on_print(move |s| tracing::info!(target: "ztfhook::script", "{name}: {s}"));
+    let name = path.to_string();
+    engine.on_debug(move |s, _, pos| tracing::debug!(target: "ztfhook::script", "{name}:{pos}: {s}"));
+    engine
+        .register_type_with_name::<ScriptMessage>("Message")
+        .register_get("topic", |m: &mut ScriptMessage| m.topic.to_string())
+        .register_get("partition", |m: &mut ScriptMessage| i64::from(m.partition))
+        .register_get("offset", |m: &mut ScriptMessage| m.offset)
+        .register_get("timestamp", |m: &mut ScriptMessage| m.timestamp_ms.map_or(Dynamic::UNIT, Dynamic::from))
+        .register_get("key", |m: &mut ScriptMessage| m.key_text().map_or(Dynamic::UNIT, Dynamic::from))
+        .register_get("size", |m: &mut ScriptMessage| m.payload.len() as i64)
+        .register_get("headers", |m: &mut ScriptMessage| {
+            let mut map = Map::new();
+            for h in m.headers.iter() {
+                let v = h
+                    .value
+                    .as_ref()
+                    .map_or(Dynamic::UNIT, |v| Dynamic::from(String::from_utf8_lossy(v).into_owned()));
+                map.insert(h.name.as_str().into(), v);
+            }
+            map
+        })
+        .register_fn("payload", |m: &mut ScriptMessage| -> Blob { m.payload.to_vec() })
+        .register_fn("sample", |value: Dynamic, fraction: f64| sample(&value.to_string(), fraction))
+        .register_fn("sample", |value: Dynamic, fraction: i64| sample(&value.to_string(), fraction as f64));
+    engine
+}
+
+impl RhaiScript {
+    /// Compiles `source`, which must define `route(msg)`.
+    ///
+    /// # Errors
+    /// [`HookError`] with `path:line:column` of a syntax error.
+    pub fn compile(path: PathBuf, source: &str, limits: Limits) -> Result<RhaiScript, HookError> {
+        let name = path.display().to_string();
+        let ast = engine(&name, limits).compile(source).map_err(|e| {
+            let pos = e.position();
+            HookError {
+                hook: format!("{name}:{}:{}", pos.line().unwrap_or(0), pos.position().unwrap_or(0)),
+                message: format!("syntax error: {}", e.err_type()),
+            }
+        })?;
+        if !ast.iter_functions().any(|f| f.name == "route" && f.params.len() == 1) {
+            return Err(HookError {
+                hook: name,
+                message: "the script must define `fn route(msg)`".into(),
+            });
+        }
+        Ok(RhaiScript {
+            path,
+            ast: Arc::new(ast),
+            limits,
+        })
+    }
+}
+
+impl Compiled for RhaiScript {
+    fn instantiate(&self) -> Result<Box<dyn Hook>, HookError> {
+        let name = self.path.display().to_string();
+        Ok(Box::new(RhaiHook {
+            engine: engine(&name, self.limits),
+            ast: Arc::clone(&self.ast),
+            name,
+        }))
+    }
+}
+
+/// One worker's Rhai hook.
+struct RhaiHook {
+    engine: Engine,
+    ast: Arc<AST>,
+    name: String,
+}
+
+impl RhaiHook {
+    fn error(&self, message: String) -> HookError {
+        HookError {
+            hook: self.name.clone(),
+            message,
+        }
+    }
+
+    fn convert(&self, value: Dynamic) -> Result<Returned, HookError> {
+        let mut r = Returned::default();
+        if value.is_unit() {
+            return Ok(r);
+        }
+        if let Some(keep) = value.clone().try_cast::<bool>() {
+            r.keep = Some(keep);
+            return Ok(r);
+        }
+        if value.is_string() {
+            r.topics.push(value.into_string().unwrap_or_default());
+            return Ok(r);
+        }
+        if value.is_array() {
+            r.topics = self.strings(value.cast::<Array>(), "route() returned an array")?;
+            return Ok(r);
+        }
+        let Some(map) = value.clone().try_cast::<Map>() else {
+            return Err(self.error(format!(
+                "route() returned a {}; expected nothing, a bool, a topic, an array of topics or a map",
+                value.type_name()
+            )));
+        };
+        for (k, v) in map {
+            match k.as_str() {
+                "keep" => r.keep = Some(v.as_bool().map_err(|t| self.error(format!("`keep` must be a bool, not {t}")))?),
+                "topic" => {
+                    if !v.is_unit() {
+                        r.topics.push(v.into_string().map_err(|t| self.error(format!("`topic` must be a string, not {t}")))?);
+                    }
+                }
+                "topics" => {
+                    let list = v.try_cast::<Array>().ok_or_else(|| self.error("`topics` must be an array".into()))?;
+                    r.topics.extend(self.strings(list, "`topics`")?);
+                }
+                "attributes" => {
+                    let attrs = v.try_cast::<Map>().ok_or_else(|| self.error("`attributes` must be a map".into()))?;
+                    for (name, value) in attrs {
+                        if value.is_unit() {
+                            continue;
+                        }
+                        r.attributes.push((name.to_string(), value.to_string()));
+                    }
+                }
+                "ordering_key" => {
+                    if !v.is_unit() {
+                        r.ordering_key = Some(v.to_string());
+                    }
+                }
+                other => {
+                    return Err(self.error(format!(
+                        "route() returned a map with unknown key `{other}` (known: {})",
+                        DECISION_KEYS.join(", ")
+                    )))
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    fn strings(&self, items: Array, what: &str) -> Result<Vec<String>, HookError> {
+        items
+            .into_iter()
+            .map(|d| d.into_string().map_err(|t| self.error(format!("{what} must hold strings, not {t}"))))
+            .collect()
+    }
+}
+
+impl Hook for RhaiHook {
+    fn decide(&mut self, message: &MessageView<'_>) -> Result<Decision, HookError> {
+        let msg = ScriptMessage::new(message);
+        let value = self
+            .engine
+            .call_fn::<Dynamic>(&mut Scope::new(), &self.ast, "route", (msg,))
+            .map_err(|e| {
+                let pos = e.position();
+                HookError {
+                    hook: format!("{}:{}:{}", self.name, pos.line().unwrap_or(0), pos.position().unwrap_or(0)),
+                    message: e.to_string(),
+                }
+            })?;
+        Ok(self.convert(value)?.into_decision())
+    }
+}

@@ -1,0 +1,225 @@
+//! What Rhai and Lua hooks share: the message a script sees, how its return
+//! value becomes a [`Decision`], the deterministic sampling helper, limits,
+//! and loading a script file by its extension.
+//!
+//! A script defines `route(msg)`. Its return value means, in both engines:
+//!
+//! | returns | decision |
+//! |---|---|
+//! | nothing (`()` / `nil`), or `true` | publish to the configured topic |
+//! | `false` | drop (counted, committed) |
+//! | a string | publish to that topic |
+//! | an array of strings | publish to each (fan-out) |
+//! | a map | `keep` (bool), `topic` or `topics`, `attributes` (map), `ordering_key` |
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::envelope::Header;
+use crate::hook::{Decision, Hook, HookError, MessageView};
+
+/// Limits on one script call.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Rhai operations, or Lua VM instructions, per call.
+    pub max_operations: u64,
+    /// Longest string or blob a script may build, in bytes.
+    pub max_string_bytes: usize,
+    /// Longest array and largest map a script may build.
+    pub max_collection_len: usize,
+    /// Memory a Lua state may hold, in bytes.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_operations: 1_000_000,
+            max_string_bytes: 16 * 1024 * 1024,
+            max_collection_len: 100_000,
+            max_memory_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The message as a script sees it: cheap to build (reference-counted
+/// clones), fields converted only when the script reads them.
+#[derive(Debug, Clone)]
+pub struct ScriptMessage {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Bytes>,
+    pub headers: Arc<[Header]>,
+    pub payload: Bytes,
+}
+
+impl ScriptMessage {
+    pub fn new(view: &MessageView<'_>) -> ScriptMessage {
+        ScriptMessage {
+            topic: Arc::from(view.topic()),
+            partition: view.partition(),
+            offset: view.offset(),
+            timestamp_ms: view.timestamp_ms(),
+            key: view.key().map(Bytes::copy_from_slice),
+            headers: Arc::from(view.headers()),
+            payload: view.payload().clone(),
+        }
+    }
+
+    /// The synthetic message a new script is checked on before it is swapped in.
+    pub fn synthetic() -> ScriptMessage {
+        ScriptMessage {
+            topic: Arc::from("ztf_20260101_programid1"),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: Some(1_767_225_600_000),
+            key: None,
+            headers: Arc::from(Vec::new()),
+            payload: Bytes::from_static(b"Obj\x01"),
+        }
+    }
+
+    /// The key as text, if it is valid UTF-8.
+    pub fn key_text(&self) -> Option<String> {
+        self.key.as_ref().and_then(|k| std::str::from_utf8(k).ok().map(str::to_string))
+    }
+}
+
+/// A decision as a script returned it, before the engine-independent checks.
+#[derive(Debug, Default)]
+pub struct Returned {
+    pub keep: Option<bool>,
+    pub topics: Vec<String>,
+    pub attributes: Vec<(String, String)>,
+    pub ordering_key: Option<String>,
+}
+
+impl Returned {
+    pub fn into_decision(self) -> Decision {
+        Decision {
+            keep: self.keep.unwrap_or(true),
+            topics: self.topics,
+            attributes: self.attributes,
+            ordering_key: self.ordering_key.filter(|k| !k.is_empty()),
+        }
+    }
+}
+
+/// The keys a returned map may have.
+pub const DECISION_KEYS: &[&str] = &["keep", "topic", "topics", "attributes", "ordering_key"];
+
+/// `sample(value, fraction)`: true for a deterministic `fraction` of values.
+/// The value's text is hashed with 64-bit FNV-1a, and kept when the top 53
+/// bits, as a fraction of 2^53, are below `fraction`; so a replay, another
+/// instance or another language makes the same choice.
+pub fn sample(value: &str, fraction: f64) -> bool {
+    if fraction >= 1.0 {
+        return true;
+    }
+    if fraction <= 0.0 || fraction.is_nan() {
+        return false;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in value.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < fraction
+}
+
+/// Which engine runs a script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Language {
+    Rhai,
+    Lua,
+}
+
+impl Language {
+    /// By file extension: `.rhai` or `.lua`.
+    ///
+    /// # Errors
+    /// A message naming the file when the extension is neither.
+    pub fn of(path: &Path) -> Result<Language, String> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("rhai") => Ok(Language::Rhai),
+            Some("lua") => Ok(Language::Lua),
+            _ => Err(format!("{}: a hook script ends in .rhai or .lua", path.display())),
+        }
+    }
+}
+
+/// A compiled script, shared by every worker; each builds its own runtime
+/// state from it.
+pub trait Compiled: Send + Sync {
+    /// Builds one worker's hook.
+    ///
+    /// # Errors
+    /// [`HookError`] if the engine cannot be set up.
+    fn instantiate(&self) -> Result<Box<dyn Hook>, HookError>;
+}
+
+/// Compiles a script file and checks it on a synthetic message.
+///
+/// # Errors
+/// [`HookError`] naming the file, and the line and column where the engine
+/// gives them.
+pub fn compile(path: &Path, limits: Limits) -> Result<Arc<dyn Compiled>, HookError> {
+    let language = Language::of(path).map_err(|message| HookError {
+        hook: path.display().to_string(),
+        message,
+    })?;
+    let source = std::fs::read_to_string(path).map_err(|e| HookError {
+        hook: path.display().to_string(),
+        message: format!("cannot read: {e}"),
+    })?;
+    compile_source(language, path.to_path_buf(), &source, limits)
+}
+
+/// Like [`compile`], from text.
+///
+/// # Errors
+/// [`HookError`] naming `path`, with line and column where known.
+pub fn compile_source(language: Language, path: PathBuf, source: &str, limits: Limits) -> Result<Arc<dyn Compiled>, HookError> {
+    let compiled: Arc<dyn Compiled> = match language {
+        Language::Rhai => Arc::new(crate::hook::rhai::RhaiScript::compile(path, source, limits)?),
+        Language::Lua => Arc::new(crate::hook::lua::LuaScript::compile(path, source, limits)?),
+    };
+    // Checked on a synthetic message before anything runs it for real.
+    let mut hook = compiled.instantiate()?;
+    let envelope = crate::envelope::Envelope {
+        topic: Arc::from("ztf_20260101_programid1"),
+        partition: 0,
+        offset: 0,
+        timestamp_ms: Some(1_767_225_600_000),
+        key: None,
+        headers: Vec::new(),
+        payload: Bytes::from_static(b"Obj\x01"),
+    };
+    hook.decide(&MessageView::new(&envelope))?;
+    Ok(compiled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_is_deterministic_and_close_to_the_fraction() {
+        let kept = (0..100_000).filter(|i| sample(&i.to_string(), 0.1)).count();
+        assert!((9_000..11_000).contains(&kept), "{kept}");
+        assert_eq!(sample("1095578115815010005", 0.1), sample("1095578115815010005", 0.1));
+        assert!(sample("x", 1.0));
+        assert!(!sample("x", 0.0));
+    }
+
+    #[test]
+    fn the_language_follows_the_extension() {
+        assert_eq!(Language::of(Path::new("a/b.rhai")).unwrap(), Language::Rhai);
+        assert_eq!(Language::of(Path::new("b.lua")).unwrap(), Language::Lua);
+        assert!(Language::of(Path::new("b.py")).unwrap_err().contains("b.py"));
+    }
+}
