@@ -32,7 +32,13 @@ fn files(inputs: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
 ///
 /// # Errors
 /// [`HookError`] if the script does not compile (or a file cannot be read).
-pub fn run(script: &Path, limits: Limits, topic: &str, inputs: &[PathBuf], json: bool) -> Result<bool, HookError> {
+pub fn run(
+    script: &Path,
+    limits: Limits,
+    topic: &str,
+    inputs: &[PathBuf],
+    json: bool,
+) -> Result<bool, HookError> {
     let compiled = compile(script, limits)?;
     let mut hook = compiled.instantiate()?;
     let read_error = |e: std::io::Error, p: &Path| HookError {
@@ -59,24 +65,44 @@ pub fn run(script: &Path, limits: Limits, topic: &str, inputs: &[PathBuf], json:
         let name = path.display().to_string();
         match hook.decide(&MessageView::new(&envelope)) {
             Ok(d) => {
-                let topics = if d.topics.is_empty() { vec!["(default)".to_string()] } else { d.topics.clone() };
+                let topics = if d.topics.is_empty() {
+                    vec!["(default)".to_string()]
+                } else {
+                    d.topics.clone()
+                };
                 if json {
-                    let attrs: serde_json::Map<String, serde_json::Value> =
-                        d.attributes.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str()))).collect();
+                    let attrs: serde_json::Map<String, serde_json::Value> = d
+                        .attributes
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+                        .collect();
                     let line = serde_json::json!({
                         "file": name, "keep": d.keep, "topics": d.topics,
                         "attributes": attrs, "ordering_key": d.ordering_key,
                     });
                     println!("{line}");
                 } else {
-                    let attrs: Vec<String> = d.attributes.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    println!("{:<60} {:<5} {:<30} {}", name, d.keep, topics.join(","), attrs.join(" "));
+                    let attrs: Vec<String> = d
+                        .attributes
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    println!(
+                        "{:<60} {:<5} {:<30} {}",
+                        name,
+                        d.keep,
+                        topics.join(","),
+                        attrs.join(" ")
+                    );
                 }
             }
             Err(e) => {
                 all_ok = false;
                 if json {
-                    println!("{}", serde_json::json!({"file": name, "error": e.to_string()}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"file": name, "error": e.to_string()})
+                    );
                 } else {
                     println!("{name:<60} error: {e}");
                 }

@@ -9,7 +9,13 @@ use clap::{Parser, Subcommand};
 #[command(name = "ztfhook", version, about)]
 pub struct Cli {
     /// The configuration file (TOML).
-    #[arg(long, short, global = true, default_value = "config/local.toml", env = "ZTFHOOK_CONFIG")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "config/local.toml",
+        env = "ZTFHOOK_CONFIG"
+    )]
     pub config: PathBuf,
 
     /// The hook script (.rhai or .lua); overrides `hook.script` in the config.

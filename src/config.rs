@@ -739,11 +739,19 @@ fn validate_pubsub(at: &Locator<'_>, mut raw: PubsubConfig) -> Result<Pubsub, Co
     })
 }
 
-fn validate_hook(at: &Locator<'_>, raw: HookConfig, has_dead_letter_topic: bool) -> Result<HookOptions, ConfigError> {
+fn validate_hook(
+    at: &Locator<'_>,
+    raw: HookConfig,
+    has_dead_letter_topic: bool,
+) -> Result<HookOptions, ConfigError> {
     let script = match raw.script {
         Some(s) => {
-            let path = PathBuf::from(expand_env(s.get_ref(), &env_lookup).or_else(|m| at.invalid(s.span(), "hook.script", m))?);
-            crate::hook::script::Language::of(&path).or_else(|m| at.invalid(s.span(), "hook.script", m))?;
+            let path = PathBuf::from(
+                expand_env(s.get_ref(), &env_lookup)
+                    .or_else(|m| at.invalid(s.span(), "hook.script", m))?,
+            );
+            crate::hook::script::Language::of(&path)
+                .or_else(|m| at.invalid(s.span(), "hook.script", m))?;
             Some(path)
         }
         None => None,
@@ -753,7 +761,13 @@ fn validate_hook(at: &Locator<'_>, raw: HookConfig, has_dead_letter_topic: bool)
         Some(p) => match p.get_ref().as_str() {
             "passthrough" => ErrorPolicy::Passthrough,
             "deadletter" if has_dead_letter_topic => ErrorPolicy::DeadLetter,
-            "deadletter" => return at.invalid(p.span(), "hook.on_error", "`deadletter` needs pubsub.dead_letter_topic"),
+            "deadletter" => {
+                return at.invalid(
+                    p.span(),
+                    "hook.on_error",
+                    "`deadletter` needs pubsub.dead_letter_topic",
+                )
+            }
             "drop" => ErrorPolicy::Drop,
             "stop" => ErrorPolicy::Stop,
             other => {
@@ -767,9 +781,19 @@ fn validate_hook(at: &Locator<'_>, raw: HookConfig, has_dead_letter_topic: bool)
     };
     let mut limits = crate::hook::script::Limits::default();
     if let Some(ops) = raw.max_operations {
-        limits.max_operations = in_range(at, &ops, "hook.max_operations", 1_000..=1_000_000_000, "operations per script call")? as u64;
+        limits.max_operations = in_range(
+            at,
+            &ops,
+            "hook.max_operations",
+            1_000..=1_000_000_000,
+            "operations per script call",
+        )? as u64;
     }
-    Ok(HookOptions { script, on_error, limits })
+    Ok(HookOptions {
+        script,
+        on_error,
+        limits,
+    })
 }
 
 fn in_range(
@@ -1070,11 +1094,17 @@ topic = "ztf-alerts"
         assert_eq!(c.hook.on_error, ErrorPolicy::Passthrough);
         assert!(c.hook.script.is_none());
         let e = error(&format!("{MINIMAL}\n[hook]\non_error = \"deadletter\"\n"));
-        assert!(e.contains("`hook.on_error`: `deadletter` needs pubsub.dead_letter_topic"), "{e}");
+        assert!(
+            e.contains("`hook.on_error`: `deadletter` needs pubsub.dead_letter_topic"),
+            "{e}"
+        );
         let e = error(&format!("{MINIMAL}\n[hook]\non_error = \"ignore\"\n"));
         assert!(e.contains("test.toml:12:12: `hook.on_error`"), "{e}");
         let e = error(&format!("{MINIMAL}\n[hook]\nscript = \"route.py\"\n"));
-        assert!(e.contains("`hook.script`") && e.contains(".rhai or .lua"), "{e}");
+        assert!(
+            e.contains("`hook.script`") && e.contains(".rhai or .lua"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -378,16 +378,30 @@ impl Worker {
             Ok(a) => a,
             Err(v) => return self.hook_failed(envelope, format!("hook attributes: {v}")),
         };
-        self.send(envelope, topics, publishers, attrs, hook_attributes, ordering_key);
+        self.send(
+            envelope,
+            topics,
+            publishers,
+            attrs,
+            hook_attributes,
+            ordering_key,
+        );
     }
 
     /// Applies `hook.on_error` to a message the hook failed on.
     fn hook_failed(&mut self, envelope: Envelope, reason: String) {
         self.metrics.hook_errors.fetch_add(1, Ordering::Relaxed);
         self.errors += 1;
-        let at = format!("{}[{}]@{}", envelope.topic, envelope.partition, envelope.offset);
+        let at = format!(
+            "{}[{}]@{}",
+            envelope.topic, envelope.partition, envelope.offset
+        );
         if self.errors <= 10 || self.errors.is_power_of_two() {
-            tracing::warn!("{at}: {reason} (hook.on_error = {:?}; {} hook errors in this worker)", self.policy, self.errors);
+            tracing::warn!(
+                "{at}: {reason} (hook.on_error = {:?}; {} hook errors in this worker)",
+                self.policy,
+                self.errors
+            );
         }
         match self.policy {
             ErrorPolicy::Passthrough => {
@@ -426,16 +440,20 @@ impl Worker {
         ordering_key: Option<String>,
     ) {
         if attrs.omitted > 0 {
-            self.metrics.omitted_attributes.fetch_add(attrs.omitted as u64, Ordering::Relaxed);
+            self.metrics
+                .omitted_attributes
+                .fetch_add(attrs.omitted as u64, Ordering::Relaxed);
         }
         let longest = topics.iter().map(|t| t.as_str().len()).max().unwrap_or(0);
-        let size = envelope.payload.len() + attrs.size() + ordering_key.as_ref().map_or(0, String::len);
+        let size =
+            envelope.payload.len() + attrs.size() + ordering_key.as_ref().map_or(0, String::len);
         if size + longest + REQUEST_OVERHEAD > MAX_MESSAGE_BYTES {
             let reason = format!(
                 "message of {size} bytes (payload {}) is over Pub/Sub's {MAX_MESSAGE_BYTES}-byte request limit",
                 envelope.payload.len()
             );
-            self.sink.dead_letter(envelope, topics.first(), reason, false);
+            self.sink
+                .dead_letter(envelope, topics.first(), reason, false);
             return;
         }
         self.sink.publish(

@@ -32,7 +32,10 @@ fn envelope(topic: &str, offset: i64, payload: Vec<u8>) -> Envelope {
 }
 
 fn hook_for(path: &Path) -> Box<dyn Hook> {
-    compile(path, Limits::default()).unwrap_or_else(|e| panic!("{e}")).instantiate().unwrap()
+    compile(path, Limits::default())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .instantiate()
+        .unwrap()
 }
 
 fn source_hook(language: Language, source: &str) -> Result<Box<dyn Hook>, String> {
@@ -40,19 +43,39 @@ fn source_hook(language: Language, source: &str) -> Result<Box<dyn Hook>, String
         Language::Rhai => "test.rhai",
         Language::Lua => "test.lua",
     };
-    compile_source(language, PathBuf::from(name), source, Limits { max_operations: 100_000, ..Limits::default() })
-        .and_then(|c| c.instantiate())
-        .map_err(|e| e.to_string())
+    compile_source(
+        language,
+        PathBuf::from(name),
+        source,
+        Limits {
+            max_operations: 100_000,
+            ..Limits::default()
+        },
+    )
+    .and_then(|c| c.instantiate())
+    .map_err(|e| e.to_string())
 }
 
-const TOPICS: [&str; 4] = ["ztf_20261125_programid1", "ztf_20261125_programid2", "ztf_20261125_programid3", "lsst-alerts-v11"];
+const TOPICS: [&str; 4] = [
+    "ztf_20261125_programid1",
+    "ztf_20261125_programid2",
+    "ztf_20261125_programid3",
+    "lsst-alerts-v11",
+];
 
 fn all_decisions(hook: &mut dyn Hook) -> Vec<Decision> {
     let mut out = Vec::new();
     for survey in ["ztf", "rubin"] {
         for (i, (_, payload)) in sample_alerts(survey).into_iter().enumerate() {
             for topic in TOPICS {
-                out.push(hook.decide(&MessageView::new(&envelope(topic, i as i64, payload.clone()))).unwrap());
+                out.push(
+                    hook.decide(&MessageView::new(&envelope(
+                        topic,
+                        i as i64,
+                        payload.clone(),
+                    )))
+                    .unwrap(),
+                );
             }
         }
     }
@@ -63,7 +86,11 @@ fn all_decisions(hook: &mut dyn Hook) -> Vec<Decision> {
 fn passthrough_scripts_decide_exactly_as_the_builtin_hook_on_every_sample() {
     let builtin = all_decisions(&mut Passthrough);
     for file in ["passthrough.rhai", "passthrough.lua"] {
-        assert_eq!(all_decisions(hook_for(&scripts().join(file)).as_mut()), builtin, "{file}");
+        assert_eq!(
+            all_decisions(hook_for(&scripts().join(file)).as_mut()),
+            builtin,
+            "{file}"
+        );
     }
     assert!(builtin.iter().all(|d| *d == Decision::pass()));
 }
@@ -73,7 +100,12 @@ fn programid_scripts_route_by_topic_name_identically_in_both_engines() {
     let rhai = all_decisions(hook_for(&scripts().join("ztf_programid.rhai")).as_mut());
     let lua = all_decisions(hook_for(&scripts().join("ztf_programid.lua")).as_mut());
     assert_eq!(rhai, lua);
-    let expected: Vec<Vec<String>> = vec![vec!["ztf-public".into()], vec![], vec!["ztf-caltech".into()], vec![]];
+    let expected: Vec<Vec<String>> = vec![
+        vec!["ztf-public".into()],
+        vec![],
+        vec!["ztf-caltech".into()],
+        vec![],
+    ];
     for (i, d) in rhai.iter().enumerate() {
         assert!(d.keep);
         assert_eq!(d.topics, expected[i % 4], "topic {}", TOPICS[i % 4]);
@@ -87,7 +119,7 @@ fn both_engines_read_the_message_and_return_the_same_rich_decision() {
             if msg.size < 1000 { return false; }
             let magic = msg.payload()[0];
             #{ topics: ["alerts-" + msg.partition, "all-alerts"],
-               attributes: #{ offset: msg.offset, magic: magic, big: msg.size > 100000, sampled: sample(msg.offset, 0.5) },
+               attributes: #{ offset: msg.offset, magic: magic, big: msg.size > 100000, sampled: sample(msg.offset, 0.5), kb: msg.size / 1024.0, one: 1.0 },
                ordering_key: msg.topic }
         }"#;
     let lua = r#"
@@ -95,7 +127,7 @@ fn both_engines_read_the_message_and_return_the_same_rich_decision() {
             if msg.size < 1000 then return false end
             local magic = string.byte(msg:payload(), 1)
             return { topics = { "alerts-" .. msg.partition, "all-alerts" },
-                     attributes = { offset = msg.offset, magic = magic, big = msg.size > 100000, sampled = sample(msg.offset, 0.5) },
+                     attributes = { offset = msg.offset, magic = magic, big = msg.size > 100000, sampled = sample(msg.offset, 0.5), kb = msg.size / 1024.0, one = 1.0 },
                      ordering_key = msg.topic }
         end"#;
     let mut r = source_hook(Language::Rhai, rhai).unwrap();
@@ -105,11 +137,17 @@ fn both_engines_read_the_message_and_return_the_same_rich_decision() {
         for (i, (name, payload)) in sample_alerts(survey).into_iter().enumerate() {
             large += usize::from(payload.len() >= 1000);
             let e = envelope("lsst-alerts-v11", i as i64, payload);
-            let (dr, dl) = (r.decide(&MessageView::new(&e)).unwrap(), l.decide(&MessageView::new(&e)).unwrap());
+            let (dr, dl) = (
+                r.decide(&MessageView::new(&e)).unwrap(),
+                l.decide(&MessageView::new(&e)).unwrap(),
+            );
             assert_eq!(dr, dl, "{name}");
             if dr.keep {
                 kept += 1;
-                assert_eq!(dr.topics, vec!["alerts-0".to_string(), "all-alerts".to_string()]);
+                assert_eq!(
+                    dr.topics,
+                    vec!["alerts-0".to_string(), "all-alerts".to_string()]
+                );
                 assert_eq!(dr.ordering_key.as_deref(), Some("lsst-alerts-v11"));
                 assert!(dr.attributes.contains(&("offset".into(), i.to_string())));
             }
@@ -123,35 +161,73 @@ fn both_engines_read_the_message_and_return_the_same_rich_decision() {
 #[test]
 fn an_endless_loop_is_stopped_by_the_operation_limit_in_both_engines() {
     for (language, source) in [
-        (Language::Rhai, "fn route(msg) { if msg.offset > 0 { loop { } } }"),
-        (Language::Lua, "function route(msg) if msg.offset > 0 then while true do end end end"),
+        (
+            Language::Rhai,
+            "fn route(msg) { if msg.offset > 0 { loop { } } }",
+        ),
+        (
+            Language::Lua,
+            "function route(msg) if msg.offset > 0 then while true do end end end",
+        ),
     ] {
         let mut hook = source_hook(language, source).unwrap();
         let started = Instant::now();
-        let err = hook.decide(&MessageView::new(&envelope("t", 1, vec![1]))).unwrap_err().to_string();
-        assert!(started.elapsed() < Duration::from_secs(5), "{language:?} took {:?}", started.elapsed());
-        assert!(err.contains("limit") || err.contains("operations"), "{language:?}: {err}");
+        let err = hook
+            .decide(&MessageView::new(&envelope("t", 1, vec![1])))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{language:?} took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            err.contains("limit") || err.contains("operations"),
+            "{language:?}: {err}"
+        );
     }
 }
 
 #[test]
 fn a_syntax_error_names_the_file_and_line() {
-    let e = source_hook(Language::Rhai, "fn route(msg) {\n  let x = ;\n}").err().expect("should be rejected");
+    let e = source_hook(Language::Rhai, "fn route(msg) {\n  let x = ;\n}")
+        .err()
+        .expect("should be rejected");
     assert!(e.starts_with("hook test.rhai:2:"), "{e}");
-    let e = source_hook(Language::Lua, "function route(msg)\n  local x = \nend").err().expect("should be rejected");
-    assert!(e.contains("test.lua:3:") || e.contains("test.lua:2:"), "{e}");
+    let e = source_hook(Language::Lua, "function route(msg)\n  local x = \nend")
+        .err()
+        .expect("should be rejected");
+    assert!(
+        e.contains("test.lua:3:") || e.contains("test.lua:2:"),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_script_without_route_is_rejected() {
-    assert!(source_hook(Language::Rhai, "fn other(x) { }").err().unwrap().contains("fn route(msg)"));
-    assert!(source_hook(Language::Lua, "function other(x) end").err().unwrap().contains("function route(msg)"));
+    assert!(source_hook(Language::Rhai, "fn other(x) { }")
+        .err()
+        .unwrap()
+        .contains("fn route(msg)"));
+    assert!(source_hook(Language::Lua, "function other(x) end")
+        .err()
+        .unwrap()
+        .contains("function route(msg)"));
 }
 
 #[test]
 fn lua_has_no_io_os_require_or_bytecode_loading() {
-    for body in ["io.open('/etc/passwd')", "os.execute('true')", "require('os')", "dofile('/etc/passwd')"] {
-        let mut hook = source_hook(Language::Lua, &format!("function route(msg) if msg.offset > 0 then {body} end end")).unwrap();
+    for body in [
+        "io.open('/etc/passwd')",
+        "os.execute('true')",
+        "require('os')",
+        "dofile('/etc/passwd')",
+    ] {
+        let mut hook = source_hook(
+            Language::Lua,
+            &format!("function route(msg) if msg.offset > 0 then {body} end end"),
+        )
+        .unwrap();
         let e = hook.decide(&MessageView::new(&envelope("t", 1, vec![1])));
         assert!(e.is_err(), "{body} ran");
     }
@@ -164,10 +240,20 @@ fn lua_has_no_io_os_require_or_bytecode_loading() {
 #[test]
 fn a_bad_return_value_is_an_error_naming_it() {
     let mut r = source_hook(Language::Rhai, "fn route(msg) { if msg.offset > 0 { 42 } }").unwrap();
-    let e = r.decide(&MessageView::new(&envelope("t", 1, vec![1]))).unwrap_err().to_string();
+    let e = r
+        .decide(&MessageView::new(&envelope("t", 1, vec![1])))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("returned a i64"), "{e}");
-    let mut l = source_hook(Language::Lua, "function route(msg) if msg.offset > 0 then return {colour = 1} end end").unwrap();
-    let e = l.decide(&MessageView::new(&envelope("t", 1, vec![1]))).unwrap_err().to_string();
+    let mut l = source_hook(
+        Language::Lua,
+        "function route(msg) if msg.offset > 0 then return {colour = 1} end end",
+    )
+    .unwrap();
+    let e = l
+        .decide(&MessageView::new(&envelope("t", 1, vec![1])))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unknown key `colour`"), "{e}");
 }
 
@@ -181,7 +267,10 @@ fn save_by_rename(path: &Path, text: &str) {
 fn wait_until(what: &str, mut ok: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
     while !ok() {
-        assert!(started.elapsed() < Duration::from_secs(5), "{what} did not happen within 5 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{what} did not happen within 5 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     started.elapsed()
@@ -193,7 +282,11 @@ fn an_edited_script_is_swapped_in_and_a_broken_edit_keeps_the_previous_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(format!("route.{ext}"));
         let (first, second, broken) = if ext == "rhai" {
-            ("fn route(msg) { \"first\" }", "fn route(msg) { \"second\" }", "fn route(msg) { \"third\" ")
+            (
+                "fn route(msg) { \"first\" }",
+                "fn route(msg) { \"second\" }",
+                "fn route(msg) { \"third\" ",
+            )
         } else {
             (
                 "function route(msg) return 'first' end",
@@ -216,7 +309,11 @@ fn an_edited_script_is_swapped_in_and_a_broken_edit_keeps_the_previous_one() {
 
         save_by_rename(&path, broken);
         wait_until("the rejection", || hooks.rejected() == 1);
-        assert_eq!(topic(), vec!["second"], "{ext}: the previous script keeps running");
+        assert_eq!(
+            topic(),
+            vec!["second"],
+            "{ext}: the previous script keeps running"
+        );
 
         // The watch survives rename-style saves: a good edit still lands.
         save_by_rename(&path, first);

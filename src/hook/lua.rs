@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use mlua::{
-    Function, HookTriggers, Lua, LuaOptions, StdLib, Table, UserData, UserDataFields, UserDataMethods, Value,
-    VmState,
+    Function, HookTriggers, Lua, LuaOptions, StdLib, Table, UserData, UserDataFields,
+    UserDataMethods, Value, VmState,
 };
 
 use crate::hook::script::{sample, Compiled, Limits, Returned, ScriptMessage, DECISION_KEYS};
@@ -55,13 +55,20 @@ impl UserData for ScriptMessage {
 }
 
 /// Builds a sandboxed state and loads the script into it; returns `route`.
-fn state(name: &str, source: &str, limits: Limits) -> Result<(Lua, Function, Rc<Cell<u64>>), HookError> {
+fn state(
+    name: &str,
+    source: &str,
+    limits: Limits,
+) -> Result<(Lua, Function, Rc<Cell<u64>>), HookError> {
     let err = |message: String| HookError {
         hook: name.to_string(),
         message,
     };
-    let lua = Lua::new_with(StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8, LuaOptions::default())
-        .map_err(|e| err(format!("cannot create a Lua state: {e}")))?;
+    let lua = Lua::new_with(
+        StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8,
+        LuaOptions::default(),
+    )
+    .map_err(|e| err(format!("cannot create a Lua state: {e}")))?;
     lua.set_memory_limit(limits.max_memory_bytes)
         .map_err(|e| err(format!("cannot limit memory: {e}")))?;
     let setup = || -> mlua::Result<()> {
@@ -71,15 +78,20 @@ fn state(name: &str, source: &str, limits: Limits) -> Result<(Lua, Function, Rc<
         }
         // `load` of text only: never bytecode.
         let load: Function = g.get("load")?;
-        let text_only = lua.create_function(move |_, (chunk, chunkname, _mode, env): (Value, Value, Value, Value)| {
-            load.call::<mlua::MultiValue>((chunk, chunkname, "t", env))
-        })?;
+        let text_only = lua.create_function(
+            move |_, (chunk, chunkname, _mode, env): (Value, Value, Value, Value)| {
+                load.call::<mlua::MultiValue>((chunk, chunkname, "t", env))
+            },
+        )?;
         g.set("load", text_only)?;
         let log_name = name.to_string();
         g.set(
             "print",
             lua.create_function(move |_, args: mlua::Variadic<Value>| {
-                let text: Vec<String> = args.iter().map(|v| v.to_string().unwrap_or_else(|_| "?".into())).collect();
+                let text: Vec<String> = args
+                    .iter()
+                    .map(|v| v.to_string().unwrap_or_else(|_| "?".into()))
+                    .collect();
                 tracing::info!(target: "ztfhook::script", "{log_name}: {}", text.join("\t"));
                 Ok(())
             })?,
@@ -90,7 +102,7 @@ fn state(name: &str, source: &str, limits: Limits) -> Result<(Lua, Function, Rc<
                 let text = match &value {
                     Value::String(s) => s.to_str().map(|s| s.to_string()).unwrap_or_default(),
                     Value::Integer(i) => i.to_string(),
-                    Value::Number(n) => n.to_string(),
+                    Value::Number(n) => crate::hook::script::format_float(*n),
                     Value::Boolean(b) => b.to_string(),
                     _ => String::new(),
                 };
@@ -115,17 +127,20 @@ fn state(name: &str, source: &str, limits: Limits) -> Result<(Lua, Function, Rc<
     let left = Rc::clone(&budget);
     // mlua needs the callback to be Send with the `send` feature off? It is
     // not enabled, so an Rc is fine: the state never leaves its worker.
-    lua.set_hook(HookTriggers::new().every_nth_instruction(INSTRUCTIONS_PER_CHECK), move |_, _| {
-        let n = left.get();
-        if n < u64::from(INSTRUCTIONS_PER_CHECK) {
-            return Err(mlua::Error::RuntimeError(format!(
-                "over the limit of {} instructions per call",
-                limits.max_operations
-            )));
-        }
-        left.set(n - u64::from(INSTRUCTIONS_PER_CHECK));
-        Ok(VmState::Continue)
-    })
+    lua.set_hook(
+        HookTriggers::new().every_nth_instruction(INSTRUCTIONS_PER_CHECK),
+        move |_, _| {
+            let n = left.get();
+            if n < u64::from(INSTRUCTIONS_PER_CHECK) {
+                return Err(mlua::Error::RuntimeError(format!(
+                    "over the limit of {} instructions per call",
+                    limits.max_operations
+                )));
+            }
+            left.set(n - u64::from(INSTRUCTIONS_PER_CHECK));
+            Ok(VmState::Continue)
+        },
+    )
     .map_err(|e| err(format!("cannot set the instruction limit: {e}")))?;
     Ok((lua, route, budget))
 }
@@ -135,7 +150,12 @@ fn lua_error(e: &mlua::Error) -> String {
     match e {
         mlua::Error::SyntaxError { message, .. } => format!("syntax error: {message}"),
         mlua::Error::CallbackError { cause, .. } => lua_error(cause),
-        other => other.to_string().lines().next().unwrap_or_default().to_string(),
+        other => other
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
     }
 }
 
@@ -198,11 +218,17 @@ impl LuaHook {
 
     fn string(&self, v: Value, what: &str) -> Result<String, HookError> {
         match v {
-            Value::String(s) => Ok(s.to_str().map_err(|_| self.error(format!("{what} is not UTF-8")))?.to_string()),
+            Value::String(s) => Ok(s
+                .to_str()
+                .map_err(|_| self.error(format!("{what} is not UTF-8")))?
+                .to_string()),
             Value::Integer(i) => Ok(i.to_string()),
-            Value::Number(n) => Ok(n.to_string()),
+            Value::Number(n) => Ok(crate::hook::script::format_float(n)),
             Value::Boolean(b) => Ok(b.to_string()),
-            other => Err(self.error(format!("{what} must be a string, not {}", other.type_name()))),
+            other => Err(self.error(format!(
+                "{what} must be a string, not {}",
+                other.type_name()
+            ))),
         }
     }
 

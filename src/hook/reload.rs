@@ -107,16 +107,23 @@ impl ScriptHooks {
     /// The watcher's error if the directory cannot be watched.
     pub fn watch(&self) -> notify::Result<notify::RecommendedWatcher> {
         let path = std::fs::canonicalize(&self.0.path).unwrap_or_else(|_| self.0.path.clone());
-        let dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let dir = path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
         let file_name = path.file_name().map(|n| n.to_os_string());
         let (tx, rx) = crossbeam_channel::unbounded::<()>();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(event) = event {
-                if event.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == file_name) {
-                    let _ = tx.send(());
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event {
+                    if event
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name)
+                    {
+                        let _ = tx.send(());
+                    }
                 }
-            }
-        })?;
+            })?;
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
         let hooks = self.clone();
         std::thread::Builder::new()
@@ -151,7 +158,13 @@ impl HookFactory for ScriptHooks {
 
     fn build(&self) -> Result<Box<dyn Hook>, HookError> {
         let generation = self.0.generation.load(Ordering::Acquire);
-        let inner = self.0.current.read().unwrap_or_else(|e| e.into_inner()).0.instantiate()?;
+        let inner = self
+            .0
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .instantiate()?;
         Ok(Box::new(Reloading {
             shared: Arc::clone(&self.0),
             generation,
@@ -171,7 +184,14 @@ impl Hook for Reloading {
     fn decide(&mut self, message: &MessageView<'_>) -> Result<Decision, HookError> {
         let now = self.shared.generation.load(Ordering::Acquire);
         if now != self.generation {
-            let compiled = Arc::clone(&self.shared.current.read().unwrap_or_else(|e| e.into_inner()).0);
+            let compiled = Arc::clone(
+                &self
+                    .shared
+                    .current
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0,
+            );
             self.inner = compiled.instantiate()?;
             self.generation = now;
         }

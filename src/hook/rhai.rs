@@ -35,29 +35,39 @@ fn engine(path: &str, limits: Limits) -> Engine {
     let name = path.to_string();
     engine.on_print(move |s| tracing::info!(target: "ztfhook::script", "{name}: {s}"));
     let name = path.to_string();
-    engine.on_debug(move |s, _, pos| tracing::debug!(target: "ztfhook::script", "{name}:{pos}: {s}"));
+    engine
+        .on_debug(move |s, _, pos| tracing::debug!(target: "ztfhook::script", "{name}:{pos}: {s}"));
     engine
         .register_type_with_name::<ScriptMessage>("Message")
         .register_get("topic", |m: &mut ScriptMessage| m.topic.to_string())
         .register_get("partition", |m: &mut ScriptMessage| i64::from(m.partition))
         .register_get("offset", |m: &mut ScriptMessage| m.offset)
-        .register_get("timestamp", |m: &mut ScriptMessage| m.timestamp_ms.map_or(Dynamic::UNIT, Dynamic::from))
-        .register_get("key", |m: &mut ScriptMessage| m.key_text().map_or(Dynamic::UNIT, Dynamic::from))
+        .register_get("timestamp", |m: &mut ScriptMessage| {
+            m.timestamp_ms.map_or(Dynamic::UNIT, Dynamic::from)
+        })
+        .register_get("key", |m: &mut ScriptMessage| {
+            m.key_text().map_or(Dynamic::UNIT, Dynamic::from)
+        })
         .register_get("size", |m: &mut ScriptMessage| m.payload.len() as i64)
         .register_get("headers", |m: &mut ScriptMessage| {
             let mut map = Map::new();
             for h in m.headers.iter() {
-                let v = h
-                    .value
-                    .as_ref()
-                    .map_or(Dynamic::UNIT, |v| Dynamic::from(String::from_utf8_lossy(v).into_owned()));
+                let v = h.value.as_ref().map_or(Dynamic::UNIT, |v| {
+                    Dynamic::from(String::from_utf8_lossy(v).into_owned())
+                });
                 map.insert(h.name.as_str().into(), v);
             }
             map
         })
-        .register_fn("payload", |m: &mut ScriptMessage| -> Blob { m.payload.to_vec() })
-        .register_fn("sample", |value: Dynamic, fraction: f64| sample(&value.to_string(), fraction))
-        .register_fn("sample", |value: Dynamic, fraction: i64| sample(&value.to_string(), fraction as f64));
+        .register_fn("payload", |m: &mut ScriptMessage| -> Blob {
+            m.payload.to_vec()
+        })
+        .register_fn("sample", |value: Dynamic, fraction: f64| {
+            sample(&text(&value), fraction)
+        })
+        .register_fn("sample", |value: Dynamic, fraction: i64| {
+            sample(&text(&value), fraction as f64)
+        });
     engine
 }
 
@@ -71,11 +81,18 @@ impl RhaiScript {
         let ast = engine(&name, limits).compile(source).map_err(|e| {
             let pos = e.position();
             HookError {
-                hook: format!("{name}:{}:{}", pos.line().unwrap_or(0), pos.position().unwrap_or(0)),
+                hook: format!(
+                    "{name}:{}:{}",
+                    pos.line().unwrap_or(0),
+                    pos.position().unwrap_or(0)
+                ),
                 message: format!("syntax error: {}", e.err_type()),
             }
         })?;
-        if !ast.iter_functions().any(|f| f.name == "route" && f.params.len() == 1) {
+        if !ast
+            .iter_functions()
+            .any(|f| f.name == "route" && f.params.len() == 1)
+        {
             return Err(HookError {
                 hook: name,
                 message: "the script must define `fn route(msg)`".into(),
@@ -140,28 +157,39 @@ impl RhaiHook {
         };
         for (k, v) in map {
             match k.as_str() {
-                "keep" => r.keep = Some(v.as_bool().map_err(|t| self.error(format!("`keep` must be a bool, not {t}")))?),
+                "keep" => {
+                    r.keep = Some(
+                        v.as_bool()
+                            .map_err(|t| self.error(format!("`keep` must be a bool, not {t}")))?,
+                    )
+                }
                 "topic" => {
                     if !v.is_unit() {
-                        r.topics.push(v.into_string().map_err(|t| self.error(format!("`topic` must be a string, not {t}")))?);
+                        r.topics.push(v.into_string().map_err(|t| {
+                            self.error(format!("`topic` must be a string, not {t}"))
+                        })?);
                     }
                 }
                 "topics" => {
-                    let list = v.try_cast::<Array>().ok_or_else(|| self.error("`topics` must be an array".into()))?;
+                    let list = v
+                        .try_cast::<Array>()
+                        .ok_or_else(|| self.error("`topics` must be an array".into()))?;
                     r.topics.extend(self.strings(list, "`topics`")?);
                 }
                 "attributes" => {
-                    let attrs = v.try_cast::<Map>().ok_or_else(|| self.error("`attributes` must be a map".into()))?;
+                    let attrs = v
+                        .try_cast::<Map>()
+                        .ok_or_else(|| self.error("`attributes` must be a map".into()))?;
                     for (name, value) in attrs {
                         if value.is_unit() {
                             continue;
                         }
-                        r.attributes.push((name.to_string(), value.to_string()));
+                        r.attributes.push((name.to_string(), text(&value)));
                     }
                 }
                 "ordering_key" => {
                     if !v.is_unit() {
-                        r.ordering_key = Some(v.to_string());
+                        r.ordering_key = Some(text(&v));
                     }
                 }
                 other => {
@@ -178,8 +206,19 @@ impl RhaiHook {
     fn strings(&self, items: Array, what: &str) -> Result<Vec<String>, HookError> {
         items
             .into_iter()
-            .map(|d| d.into_string().map_err(|t| self.error(format!("{what} must hold strings, not {t}"))))
+            .map(|d| {
+                d.into_string()
+                    .map_err(|t| self.error(format!("{what} must hold strings, not {t}")))
+            })
             .collect()
+    }
+}
+
+/// A value as attribute text, formatted as the Lua engine does.
+fn text(value: &Dynamic) -> String {
+    match value.as_float() {
+        Ok(f) => crate::hook::script::format_float(f),
+        Err(_) => value.to_string(),
     }
 }
 
@@ -192,7 +231,12 @@ impl Hook for RhaiHook {
             .map_err(|e| {
                 let pos = e.position();
                 HookError {
-                    hook: format!("{}:{}:{}", self.name, pos.line().unwrap_or(0), pos.position().unwrap_or(0)),
+                    hook: format!(
+                        "{}:{}:{}",
+                        self.name,
+                        pos.line().unwrap_or(0),
+                        pos.position().unwrap_or(0)
+                    ),
                     message: e.to_string(),
                 }
             })?;

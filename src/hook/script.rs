@@ -70,22 +70,11 @@ impl ScriptMessage {
         }
     }
 
-    /// The synthetic message a new script is checked on before it is swapped in.
-    pub fn synthetic() -> ScriptMessage {
-        ScriptMessage {
-            topic: Arc::from("ztf_20260101_programid1"),
-            partition: 0,
-            offset: 0,
-            timestamp_ms: Some(1_767_225_600_000),
-            key: None,
-            headers: Arc::from(Vec::new()),
-            payload: Bytes::from_static(b"Obj\x01"),
-        }
-    }
-
     /// The key as text, if it is valid UTF-8.
     pub fn key_text(&self) -> Option<String> {
-        self.key.as_ref().and_then(|k| std::str::from_utf8(k).ok().map(str::to_string))
+        self.key
+            .as_ref()
+            .and_then(|k| std::str::from_utf8(k).ok().map(str::to_string))
     }
 }
 
@@ -131,6 +120,16 @@ pub fn sample(value: &str, fraction: f64) -> bool {
     ((h >> 11) as f64 / (1u64 << 53) as f64) < fraction
 }
 
+/// A number as attribute text, the same in both engines: integers in floats
+/// keep one decimal (`1.0`), others their shortest exact form (`0.55`).
+pub fn format_float(f: f64) -> String {
+    if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e15 {
+        format!("{f:.1}")
+    } else {
+        f.to_string()
+    }
+}
+
 /// Which engine runs a script.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Language {
@@ -147,7 +146,10 @@ impl Language {
         match path.extension().and_then(|e| e.to_str()) {
             Some("rhai") => Ok(Language::Rhai),
             Some("lua") => Ok(Language::Lua),
-            _ => Err(format!("{}: a hook script ends in .rhai or .lua", path.display())),
+            _ => Err(format!(
+                "{}: a hook script ends in .rhai or .lua",
+                path.display()
+            )),
         }
     }
 }
@@ -183,9 +185,16 @@ pub fn compile(path: &Path, limits: Limits) -> Result<Arc<dyn Compiled>, HookErr
 ///
 /// # Errors
 /// [`HookError`] naming `path`, with line and column where known.
-pub fn compile_source(language: Language, path: PathBuf, source: &str, limits: Limits) -> Result<Arc<dyn Compiled>, HookError> {
+pub fn compile_source(
+    language: Language,
+    path: PathBuf,
+    source: &str,
+    limits: Limits,
+) -> Result<Arc<dyn Compiled>, HookError> {
     let compiled: Arc<dyn Compiled> = match language {
-        Language::Rhai => Arc::new(crate::hook::rhai::RhaiScript::compile(path, source, limits)?),
+        Language::Rhai => Arc::new(crate::hook::rhai::RhaiScript::compile(
+            path, source, limits,
+        )?),
         Language::Lua => Arc::new(crate::hook::lua::LuaScript::compile(path, source, limits)?),
     };
     // Checked on a synthetic message before anything runs it for real.
@@ -211,7 +220,10 @@ mod tests {
     fn sampling_is_deterministic_and_close_to_the_fraction() {
         let kept = (0..100_000).filter(|i| sample(&i.to_string(), 0.1)).count();
         assert!((9_000..11_000).contains(&kept), "{kept}");
-        assert_eq!(sample("1095578115815010005", 0.1), sample("1095578115815010005", 0.1));
+        assert_eq!(
+            sample("1095578115815010005", 0.1),
+            sample("1095578115815010005", 0.1)
+        );
         assert!(sample("x", 1.0));
         assert!(!sample("x", 0.0));
     }
@@ -220,6 +232,8 @@ mod tests {
     fn the_language_follows_the_extension() {
         assert_eq!(Language::of(Path::new("a/b.rhai")).unwrap(), Language::Rhai);
         assert_eq!(Language::of(Path::new("b.lua")).unwrap(), Language::Lua);
-        assert!(Language::of(Path::new("b.py")).unwrap_err().contains("b.py"));
+        assert!(Language::of(Path::new("b.py"))
+            .unwrap_err()
+            .contains("b.py"));
     }
 }

@@ -398,6 +398,8 @@ pub struct BridgeConfig {
     pub dead_letter_topic: Option<String>,
     pub kafka_extra: Vec<(String, String)>,
     pub pipeline_extra: Vec<(String, String)>,
+    /// `[hook]` lines, values as TOML (strings quoted).
+    pub hook: Vec<(String, String)>,
     pub headers: bool,
 }
 
@@ -411,6 +413,7 @@ impl BridgeConfig {
             dead_letter_topic: None,
             kafka_extra: Vec::new(),
             pipeline_extra: Vec::new(),
+            hook: Vec::new(),
             headers: false,
         }
     }
@@ -438,6 +441,12 @@ impl BridgeConfig {
             "\n[attributes]\nkafka_metadata = true\nheaders = {}\n",
             self.headers
         ));
+        if !self.hook.is_empty() {
+            s.push_str("\n[hook]\n");
+            for (k, v) in &self.hook {
+                s.push_str(&format!("{k} = {v}\n"));
+            }
+        }
         s
     }
 }
