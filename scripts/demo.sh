@@ -8,8 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
-echo "demo: building ztfhook (release)" >&2
-cargo build --release --locked --bin ztfhook --example load_alerts 2>&1 | tail -1 >&2
+echo "demo: building ztfhook (release; the first build takes a few minutes)" >&2
+build_log=$(mktemp "${TMPDIR:-/tmp}/ztfhook-build.XXXXXX")
+cargo build --release --locked --bin ztfhook --example load_alerts >"$build_log" 2>&1 ||
+  { cat "$build_log" >&2; exit 1; }
+rm -f "$build_log"
 
 services=$(mktemp -d "${TMPDIR:-/tmp}/ztfhook-demo.XXXXXX")
 bridge=""

@@ -321,3 +321,31 @@ fn an_edited_script_is_swapped_in_and_a_broken_edit_keeps_the_previous_one() {
         assert_eq!(hooks.reloads(), 2);
     }
 }
+
+#[test]
+fn the_routing_example_samples_the_same_messages_in_both_engines() {
+    let mut r = hook_for(&scripts().join("ztf_route_sample.rhai"));
+    let mut l = hook_for(&scripts().join("ztf_route_sample.lua"));
+    let mut kept = 0;
+    for offset in 0..2_000 {
+        let e = envelope("ztf_20261125_programid2", offset, vec![0; 10]);
+        let (dr, dl) = (
+            r.decide(&MessageView::new(&e)).unwrap(),
+            l.decide(&MessageView::new(&e)).unwrap(),
+        );
+        assert_eq!(dr, dl, "offset {offset}");
+        kept += usize::from(dr.keep);
+    }
+    assert!((140..260).contains(&kept), "about 10% of 2000 kept: {kept}");
+    let public = r
+        .decide(&MessageView::new(&envelope(
+            "ztf_20261125_programid1",
+            7,
+            vec![0; 10],
+        )))
+        .unwrap();
+    assert_eq!(public.topics, vec!["ztf-public".to_string()]);
+    assert!(public
+        .attributes
+        .contains(&("survey".to_string(), "ztf".to_string())));
+}

@@ -178,8 +178,17 @@ impl Compiled for LuaScript {
     fn instantiate(&self) -> Result<Box<dyn Hook>, HookError> {
         let name = self.path.display().to_string();
         let (lua, route, budget) = state(&name, &self.source, self.limits)?;
+        // One message object per worker, refilled for each call: no garbage
+        // per message.
+        let msg = lua
+            .create_userdata(ScriptMessage::placeholder())
+            .map_err(|e| HookError {
+                hook: name.clone(),
+                message: lua_error(&e),
+            })?;
         Ok(Box::new(LuaHook {
             lua: SendLua(lua),
+            msg,
             route,
             budget,
             max_operations: self.limits.max_operations,
@@ -189,7 +198,7 @@ impl Compiled for LuaScript {
 }
 
 /// A Lua state confined to the worker thread that owns it.
-struct SendLua(Lua);
+struct SendLua(#[allow(dead_code)] Lua);
 
 // SAFETY: a `LuaHook` is built and used by one worker thread, moved there
 // once before first use; the state, its functions and the `Rc` budget are
@@ -198,7 +207,10 @@ unsafe impl Send for SendLua {}
 
 /// One worker's Lua hook.
 struct LuaHook {
+    /// Owns the state the other fields live in; never used directly after set-up.
+    #[allow(dead_code)]
     lua: SendLua,
+    msg: mlua::AnyUserData,
     route: Function,
     budget: Rc<Cell<u64>>,
     max_operations: u64,
@@ -301,14 +313,13 @@ impl LuaHook {
 impl Hook for LuaHook {
     fn decide(&mut self, message: &MessageView<'_>) -> Result<Decision, HookError> {
         self.budget.set(self.max_operations);
-        let msg = self
-            .lua
-            .0
-            .create_userdata(ScriptMessage::new(message))
-            .map_err(|e| self.error(lua_error(&e)))?;
+        *self
+            .msg
+            .borrow_mut::<ScriptMessage>()
+            .map_err(|e| self.error(lua_error(&e)))? = ScriptMessage::new(message);
         let value = self
             .route
-            .call::<Value>(msg)
+            .call::<Value>(&self.msg)
             .map_err(|e| self.error(lua_error(&e)))?;
         Ok(self.convert(value)?.into_decision())
     }

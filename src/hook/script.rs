@@ -70,6 +70,19 @@ impl ScriptMessage {
         }
     }
 
+    /// An empty message, to be refilled.
+    pub fn placeholder() -> ScriptMessage {
+        ScriptMessage {
+            topic: Arc::from(""),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            key: None,
+            headers: Arc::from(Vec::new()),
+            payload: Bytes::new(),
+        }
+    }
+
     /// The key as text, if it is valid UTF-8.
     pub fn key_text(&self) -> Option<String> {
         self.key
