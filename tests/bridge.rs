@@ -348,3 +348,58 @@ async fn a_wrong_scram_password_stops_with_an_authentication_error_that_hides_it
         "the password appears in the output:\n{log}"
     );
 }
+
+/// The totals in the last stats line: (consumed, in-flight messages).
+fn last_stats(log: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("stats:"))
+        .expect("a stats line");
+    let number_after = |key: &str| -> u64 {
+        let rest = &line[line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    (number_after("totals consumed "), number_after("in flight "))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumption_pauses_at_the_in_flight_bound_while_pubsub_is_down_and_nothing_is_committed() {
+    let s = services();
+    let (topic, group, ps) = (unique("down"), unique("group"), unique("down"));
+    let cc = kafka_config(&s.bootstrap, &[]);
+    create_kafka_topic(&cc, &topic, 1).await;
+    let mut emulator = PrivateEmulator::start();
+    create_pubsub_topic(&emulator.host, &ps).await;
+    let mut config = BridgeConfig::new(&s.bootstrap, &group, &topic, &ps);
+    config.env = vec![("PUBSUB_EMULATOR_HOST".into(), emulator.host.clone())];
+    config.pipeline_extra = vec![
+        ("max_in_flight_messages".into(), "5".into()),
+        ("shutdown_timeout_ms".into(), "3000".into()),
+    ];
+    let mut bridge = Bridge::start(&config);
+    bridge.wait_for_log("kafka: assigned", Duration::from_secs(60));
+
+    emulator.kill();
+    let alerts: Vec<Vec<u8>> = sample_alerts("ztf").into_iter().map(|(_, b)| b).collect();
+    produce(&cc, &topic, &records(&alerts, 1)).await;
+    bridge.wait_for_log("publish failed", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(4));
+    let (consumed, in_flight) = last_stats(&bridge.log_text());
+    assert!(
+        consumed <= 5,
+        "consumed {consumed} of {} with Pub/Sub down and a bound of 5",
+        alerts.len()
+    );
+    assert!(in_flight <= 5, "in flight {in_flight}");
+
+    // SIGTERM: the drain gives up after its timeout; nothing was published,
+    // so nothing is committed and a restart would consume it all again.
+    assert_eq!(bridge.stop().code(), Some(0), "{}", bridge.log_text());
+    assert!(
+        bridge.log_text().contains("still unacknowledged"),
+        "{}",
+        bridge.log_text()
+    );
+    assert_eq!(committed_offsets(&cc, &group, &topic, 1), vec![-1]);
+}

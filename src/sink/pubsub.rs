@@ -32,7 +32,7 @@ use crate::shutdown::Shutdown;
 
 /// How long the crate retries a transient error itself before handing it to
 /// ztfhook's own retry loop (which logs and retries again, without limit).
-const CRATE_RETRY_LIMIT: Duration = Duration::from_secs(30);
+const CRATE_RETRY_LIMIT: Duration = Duration::from_secs(10);
 /// Backoff of ztfhook's own retry loop.
 const RETRY_INITIAL: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);

@@ -401,6 +401,8 @@ pub struct BridgeConfig {
     /// `[hook]` lines, values as TOML (strings quoted).
     pub hook: Vec<(String, String)>,
     pub headers: bool,
+    /// Environment variables for the process (e.g. another emulator).
+    pub env: Vec<(String, String)>,
 }
 
 impl BridgeConfig {
@@ -415,6 +417,7 @@ impl BridgeConfig {
             pipeline_extra: Vec::new(),
             hook: Vec::new(),
             headers: false,
+            env: Vec::new(),
         }
     }
 
@@ -433,7 +436,18 @@ impl BridgeConfig {
         if let Some(d) = &self.dead_letter_topic {
             s.push_str(&format!("dead_letter_topic = \"{d}\"\n"));
         }
-        s.push_str("\n[pipeline]\nworkers = 2\nstats_interval_ms = 1000\ncommit_interval_ms = 200\nshutdown_timeout_ms = 20000\n");
+        s.push_str("\n[pipeline]\n");
+        let defaults = [
+            ("workers", "2"),
+            ("stats_interval_ms", "1000"),
+            ("commit_interval_ms", "200"),
+            ("shutdown_timeout_ms", "20000"),
+        ];
+        for (k, v) in defaults {
+            if !self.pipeline_extra.iter().any(|(key, _)| key == k) {
+                s.push_str(&format!("{k} = {v}\n"));
+            }
+        }
         for (k, v) in &self.pipeline_extra {
             s.push_str(&format!("{k} = {v}\n"));
         }
@@ -460,10 +474,14 @@ pub struct Bridge {
 
 impl Bridge {
     pub fn start(config: &BridgeConfig) -> Bridge {
-        Self::start_text(&config.render(), &[])
+        Self::start_with(&config.render(), &[], &config.env)
     }
 
     pub fn start_text(config: &str, args: &[&str]) -> Bridge {
+        Self::start_with(config, args, &[])
+    }
+
+    fn start_with(config: &str, args: &[&str], env: &[(String, String)]) -> Bridge {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ztfhook.toml");
         std::fs::write(&path, config).unwrap();
@@ -474,6 +492,7 @@ impl Bridge {
             .args(args)
             .env("ZTFHOOK_LOG", "info,librdkafka=warn")
             .env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -548,6 +567,77 @@ impl Drop for Bridge {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// A Pub/Sub emulator of a test's own, to stop while a bridge uses it.
+pub struct PrivateEmulator {
+    pub host: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateEmulator {
+    pub fn start() -> PrivateEmulator {
+        use std::os::unix::process::CommandExt;
+        let bin = var("PUBSUB_EMULATOR_BIN");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("emulator.log");
+        let child = Command::new(bin)
+            .arg("--host=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("emulator.err")).unwrap())
+            .process_group(0)
+            .spawn()
+            .expect("start the Pub/Sub emulator");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ready = format!("Server started, listening on {port}");
+        loop {
+            let mut text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.push_str(
+                &std::fs::read_to_string(dir.path().join("emulator.err")).unwrap_or_default(),
+            );
+            if text.contains(&ready) {
+                break;
+            }
+            assert!(
+                !text.contains("BindException"),
+                "emulator port {port} taken"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the emulator did not start:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        PrivateEmulator {
+            host: format!("127.0.0.1:{port}"),
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// Kills the emulator and its JVM (the whole process group).
+    pub fn kill(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--"])
+            .arg(format!("-{}", self.child.id()))
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateEmulator {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
         }
     }
 }
