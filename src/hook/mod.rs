@@ -31,6 +31,10 @@ impl<'a> MessageView<'a> {
     pub fn topic(&self) -> &'a str {
         &self.envelope.topic
     }
+    /// The topic, shared (a reference-count increment, no copy).
+    pub fn topic_shared(&self) -> &'a std::sync::Arc<str> {
+        &self.envelope.topic
+    }
     pub fn partition(&self) -> i32 {
         self.envelope.partition
     }

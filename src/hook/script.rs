@@ -60,12 +60,16 @@ pub struct ScriptMessage {
 impl ScriptMessage {
     pub fn new(view: &MessageView<'_>) -> ScriptMessage {
         ScriptMessage {
-            topic: Arc::from(view.topic()),
+            topic: Arc::clone(view.topic_shared()),
             partition: view.partition(),
             offset: view.offset(),
             timestamp_ms: view.timestamp_ms(),
             key: view.key().map(Bytes::copy_from_slice),
-            headers: Arc::from(view.headers()),
+            headers: if view.headers().is_empty() {
+                no_headers()
+            } else {
+                Arc::from(view.headers())
+            },
             payload: view.payload().clone(),
         }
     }
@@ -78,7 +82,7 @@ impl ScriptMessage {
             offset: 0,
             timestamp_ms: None,
             key: None,
-            headers: Arc::from(Vec::new()),
+            headers: no_headers(),
             payload: Bytes::new(),
         }
     }
@@ -89,6 +93,12 @@ impl ScriptMessage {
             .as_ref()
             .and_then(|k| std::str::from_utf8(k).ok().map(str::to_string))
     }
+}
+
+/// One shared empty header list, so a message without headers allocates none.
+fn no_headers() -> Arc<[Header]> {
+    static EMPTY: std::sync::OnceLock<Arc<[Header]>> = std::sync::OnceLock::new();
+    Arc::clone(EMPTY.get_or_init(|| Arc::from(Vec::new())))
 }
 
 /// A decision as a script returned it, before the engine-independent checks.
