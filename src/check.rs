@@ -10,8 +10,11 @@ use crate::envelope::Envelope;
 use crate::hook::script::{compile, Limits};
 use crate::hook::{HookError, MessageView};
 
-/// Expands directories into their `.avro` files, sorted.
-fn files(inputs: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
+/// Expands directories into their `.avro` files, sorted; files stay as given.
+///
+/// # Errors
+/// The error of a directory that cannot be read.
+pub fn alert_files(inputs: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for input in inputs {
         if input.is_dir() {
@@ -45,7 +48,7 @@ pub fn run(
         hook: script.display().to_string(),
         message: format!("{}: {e}", p.display()),
     };
-    let list = files(inputs).map_err(|e| read_error(e, Path::new(".")))?;
+    let list = alert_files(inputs).map_err(|e| read_error(e, Path::new(".")))?;
     let topic: Arc<str> = Arc::from(topic);
     let mut all_ok = true;
     if !json {

@@ -49,20 +49,7 @@ async fn main() {
     let (Some(bootstrap), Some(topic)) = (bootstrap, topic) else {
         usage()
     };
-    let mut files = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let mut inner: Vec<PathBuf> = std::fs::read_dir(&p)
-                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "avro"))
-                .collect();
-            inner.sort();
-            files.extend(inner);
-        } else {
-            files.push(p);
-        }
-    }
+    let files = ztfhook::check::alert_files(&paths).unwrap_or_else(|e| panic!("{e}"));
     let payloads: Vec<Vec<u8>> = files
         .iter()
         .map(|f| std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display())))
