@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 
-use crate::hook::script::{compile, Compiled, Limits};
+use crate::hook::script::{compile_text, read, Compiled, Limits};
 use crate::hook::{Decision, Hook, HookError, HookFactory, MessageView};
 
 /// Events closer together than this are one save.
@@ -42,8 +42,8 @@ impl ScriptHooks {
     /// # Errors
     /// [`HookError`] naming the file, line and column.
     pub fn load(path: &Path, limits: Limits) -> Result<ScriptHooks, HookError> {
-        let compiled = compile(path, limits)?;
-        let source = std::fs::read_to_string(path).unwrap_or_default();
+        let source = read(path)?;
+        let compiled = compile_text(path, &source, limits)?;
         Ok(ScriptHooks(Arc::new(Shared {
             path: path.to_path_buf(),
             name: path.display().to_string(),
@@ -62,11 +62,7 @@ impl ScriptHooks {
     /// [`HookError`] for a rejected script; the previous one stays.
     pub fn reload(&self) -> Result<bool, HookError> {
         let s = &self.0;
-        let source = std::fs::read_to_string(&s.path).map_err(|e| HookError {
-            hook: s.name.clone(),
-            message: format!("cannot read: {e}"),
-        });
-        let source = match source {
+        let source = match read(&s.path) {
             Ok(text) => text,
             Err(e) => {
                 s.rejected.fetch_add(1, Ordering::Relaxed);
@@ -76,7 +72,7 @@ impl ScriptHooks {
         if s.current.read().unwrap_or_else(|e| e.into_inner()).1 == source {
             return Ok(false);
         }
-        match compile(&s.path, s.limits) {
+        match compile_text(&s.path, &source, s.limits) {
             Ok(compiled) => {
                 *s.current.write().unwrap_or_else(|e| e.into_inner()) = (compiled, source);
                 s.generation.fetch_add(1, Ordering::AcqRel);

@@ -200,15 +200,35 @@ pub trait Compiled: Send + Sync {
 /// [`HookError`] naming the file, and the line and column where the engine
 /// gives them.
 pub fn compile(path: &Path, limits: Limits) -> Result<Arc<dyn Compiled>, HookError> {
+    compile_text(path, &read(path)?, limits)
+}
+
+/// Reads a script file.
+///
+/// # Errors
+/// [`HookError`] naming the file.
+pub fn read(path: &Path) -> Result<String, HookError> {
+    std::fs::read_to_string(path).map_err(|e| HookError {
+        hook: path.display().to_string(),
+        message: format!("cannot read: {e}"),
+    })
+}
+
+/// Like [`compile`], for text already read from `path` (the engine follows
+/// its extension).
+///
+/// # Errors
+/// [`HookError`] naming `path`, with line and column where known.
+pub fn compile_text(
+    path: &Path,
+    source: &str,
+    limits: Limits,
+) -> Result<Arc<dyn Compiled>, HookError> {
     let language = Language::of(path).map_err(|message| HookError {
         hook: path.display().to_string(),
         message,
     })?;
-    let source = std::fs::read_to_string(path).map_err(|e| HookError {
-        hook: path.display().to_string(),
-        message: format!("cannot read: {e}"),
-    })?;
-    compile_source(language, path.to_path_buf(), &source, limits)
+    compile_source(language, path.to_path_buf(), source, limits)
 }
 
 /// Like [`compile`], from text.

@@ -301,7 +301,11 @@ impl PubsubSink {
             let sink = Arc::clone(self);
             let job = Arc::clone(&job);
             self.runtime.spawn(async move {
-                let ok = sink.deliver(&publisher, &topic, &job, message).await;
+                let ok = sink
+                    .deliver(&publisher, &topic, &job, message, || {
+                        job.rebuild(&sink.options)
+                    })
+                    .await;
                 if !ok {
                     job.failed.store(true, Ordering::SeqCst);
                 }
@@ -322,22 +326,21 @@ impl PubsubSink {
     }
 
     /// Publishes until Pub/Sub accepts, retrying transient errors; false after
-    /// a permanent error (which also stops the bridge).
+    /// a permanent error (which also stops the bridge). The crate consumes what
+    /// it publishes, so `again` makes the message anew for each retry.
     async fn deliver(
         &self,
         publisher: &Publisher,
         topic: &TopicName,
         job: &Job,
         first: Message,
+        again: impl Fn() -> Message,
     ) -> bool {
         let mut message = Some(first);
         let mut delay = RETRY_INITIAL;
         let mut attempt: u64 = 0;
         loop {
-            let m = match message.take() {
-                Some(m) => m,
-                None => job.rebuild(&self.options),
-            };
+            let m = message.take().unwrap_or_else(&again);
             match publisher.publish(m).await {
                 Ok(_) => return true,
                 Err(google_cloud_pubsub::error::PublishError::Rpc(e)) if is_permanent(&e) => {
@@ -365,7 +368,7 @@ impl PubsubSink {
     /// Sends a message that cannot go where it was going to the dead-letter
     /// topic, with the reason; stops the bridge if there is none.
     /// `with_payload` is false when the payload itself is the problem (too large):
-    /// the reason then stands in for it.
+    /// the message then carries empty data and the reason in `ztfhook.error`.
     pub fn dead_letter(
         self: &Arc<Self>,
         envelope: Envelope,
@@ -417,43 +420,17 @@ impl PubsubSink {
             failed: AtomicBool::new(false),
         };
         self.runtime.spawn(async move {
-            let rebuilt = message.clone();
-            let outcome = if sink.deliver_exact(&publisher, &dlq, &job, rebuilt).await {
+            let first = message.clone();
+            let outcome = if sink
+                .deliver(&publisher, &dlq, &job, first, || message.clone())
+                .await
+            {
                 Outcome::DeadLettered
             } else {
                 Outcome::Failed
             };
             sink.ack(&job.envelope, outcome);
         });
-    }
-
-    /// Like `deliver`, for a message that must be resent exactly as it is.
-    async fn deliver_exact(
-        &self,
-        publisher: &Publisher,
-        topic: &TopicName,
-        job: &Job,
-        message: Message,
-    ) -> bool {
-        let mut delay = RETRY_INITIAL;
-        loop {
-            match publisher.publish(message.clone()).await {
-                Ok(_) => return true,
-                Err(google_cloud_pubsub::error::PublishError::Rpc(e)) if is_permanent(&e) => {
-                    self.shutdown.fail(format!(
-                        "pubsub dead-letter topic `{topic}`: publishing {}[{}]@{} failed permanently: {e}",
-                        job.envelope.topic, job.envelope.partition, job.envelope.offset
-                    ));
-                    return false;
-                }
-                Err(e) => {
-                    self.metrics.retries.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("pubsub dead-letter topic `{topic}`: publish failed, retrying in {delay:?}: {e}");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(RETRY_MAX);
-                }
-            }
-        }
     }
 
     /// Sends everything the publishers hold, and waits for the answers.
