@@ -43,7 +43,7 @@ async fn a_message_over_ten_megabytes_goes_to_the_dead_letter_topic_with_the_rea
     let d = &dead[0];
     assert!(
         d.len < 1_000,
-        "the payload cannot fit, so the reason stands in for it ({} bytes)",
+        "the payload cannot fit, so it is not sent ({} bytes)",
         d.len
     );
     assert_eq!(d.attributes["kafka.offset"], "1");
