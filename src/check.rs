@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::envelope::Envelope;
-use crate::hook::script::{compile, Limits};
+use crate::hook::script::{compile, Environment};
 use crate::hook::{HookError, MessageView};
 
 /// Expands directories into their `.avro` files, sorted; files stay as given.
@@ -37,12 +37,12 @@ pub fn alert_files(inputs: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
 /// [`HookError`] if the script does not compile (or a file cannot be read).
 pub fn run(
     script: &Path,
-    limits: Limits,
+    env: &Environment,
     topic: &str,
     inputs: &[PathBuf],
     json: bool,
 ) -> Result<bool, HookError> {
-    let compiled = compile(script, limits)?;
+    let compiled = compile(script, env)?;
     let mut hook = compiled.instantiate()?;
     let read_error = |e: std::io::Error, p: &Path| HookError {
         hook: script.display().to_string(),

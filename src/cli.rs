@@ -45,6 +45,13 @@ pub enum Command {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+        /// Schemas of Rubin wire-format alerts: a directory laid out like
+        /// lsst/alert_packet's `schema/` (`M/m/lsst.vM_m.alert.avsc`).
+        #[arg(long)]
+        schema_dir: Option<PathBuf>,
+        /// Schemas of Rubin wire-format alerts: a Confluent schema registry URL.
+        #[arg(long)]
+        schema_registry: Option<String>,
         /// Alert files (one Kafka message value each), or directories of `.avro` files.
         #[arg(required = true)]
         files: Vec<PathBuf>,

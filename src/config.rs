@@ -66,6 +66,8 @@ pub struct Config {
     pub pipeline: Pipeline,
     pub attributes: AttributeOptions,
     pub hook: HookOptions,
+    /// Where the schemas of Rubin's wire-format alerts come from.
+    pub alerts: crate::alert::SchemaSources,
 }
 
 /// What a hook failure does to the message it failed on.
@@ -285,6 +287,15 @@ struct ConfigFile {
     attributes: AttributesConfig,
     #[serde(default)]
     hook: HookConfig,
+    #[serde(default)]
+    alerts: AlertsConfig,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct AlertsConfig {
+    schema_dir: Option<Spanned<String>>,
+    schema_registry: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -483,6 +494,7 @@ impl Config {
         let batching = validate_batching(&at, file.batching)?;
         let pipeline = validate_pipeline(&at, file.pipeline)?;
         let hook = validate_hook(&at, file.hook, pubsub.dead_letter_topic.is_some())?;
+        let alerts = validate_alerts(&at, file.alerts)?;
         Ok(Config {
             source: path.to_path_buf(),
             kafka,
@@ -494,6 +506,7 @@ impl Config {
                 headers: file.attributes.headers,
             },
             hook,
+            alerts,
         })
     }
 
@@ -736,6 +749,48 @@ fn validate_pubsub(at: &Locator<'_>, mut raw: PubsubConfig) -> Result<Pubsub, Co
         topic,
         dead_letter_topic,
         endpoint,
+    })
+}
+
+fn validate_alerts(
+    at: &Locator<'_>,
+    raw: AlertsConfig,
+) -> Result<crate::alert::SchemaSources, ConfigError> {
+    let directory = match raw.schema_dir {
+        Some(d) => {
+            let path = PathBuf::from(
+                expand_env(d.get_ref(), &env_lookup)
+                    .or_else(|m| at.invalid(d.span(), "alerts.schema_dir", m))?,
+            );
+            if !path.is_dir() {
+                return at.invalid(
+                    d.span(),
+                    "alerts.schema_dir",
+                    format!("`{}` is not a directory", path.display()),
+                );
+            }
+            Some(path)
+        }
+        None => None,
+    };
+    let registry = match raw.schema_registry {
+        Some(u) => {
+            let url = expand_env(u.get_ref(), &env_lookup)
+                .or_else(|m| at.invalid(u.span(), "alerts.schema_registry", m))?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return at.invalid(
+                    u.span(),
+                    "alerts.schema_registry",
+                    format!("`{url}` is not an http:// or https:// URL"),
+                );
+            }
+            Some(url)
+        }
+        None => None,
+    };
+    Ok(crate::alert::SchemaSources {
+        directory,
+        registry,
     })
 }
 

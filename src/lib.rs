@@ -32,6 +32,7 @@
 //! Pub/Sub has not accepted. Messages in flight when a process dies may be
 //! published twice; their number is bounded by the in-flight limits.
 
+pub mod alert;
 pub mod attributes;
 pub mod check;
 pub mod config;

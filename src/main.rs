@@ -9,9 +9,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use ztfhook::alert::{Decoder, SchemaSources};
 use ztfhook::config::Config;
 use ztfhook::hook::reload::ScriptHooks;
-use ztfhook::hook::script::Limits;
+use ztfhook::hook::script::{Environment, Limits};
 use ztfhook::hook::{HookFactory, Passthrough};
 use ztfhook::shutdown::Shutdown;
 
@@ -24,12 +25,26 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    if let Some(cli::Command::Check { topic, json, files }) = &cli.command {
+    if let Some(cli::Command::Check {
+        topic,
+        json,
+        files,
+        schema_dir,
+        schema_registry,
+    }) = &cli.command
+    {
         let Some(script) = &cli.script else {
             eprintln!("ztfhook: check needs --script FILE");
             return ExitCode::from(2);
         };
-        return match ztfhook::check::run(script, Limits::default(), topic, files, *json) {
+        let env = Environment {
+            limits: Limits::default(),
+            decoder: Arc::new(Decoder::new(SchemaSources {
+                directory: schema_dir.clone(),
+                registry: schema_registry.clone(),
+            })),
+        };
+        return match ztfhook::check::run(script, &env, topic, files, *json) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
             Err(e) => {
@@ -53,7 +68,13 @@ fn main() -> ExitCode {
     let mut _watcher = None;
     let hooks: Arc<dyn HookFactory> = match script {
         None => Arc::new(Passthrough),
-        Some(path) => match ScriptHooks::load(&path, config.hook.limits) {
+        Some(path) => match ScriptHooks::load(
+            &path,
+            Environment {
+                limits: config.hook.limits,
+                decoder: Arc::new(Decoder::new(config.alerts.clone())),
+            },
+        ) {
             Ok(hooks) => {
                 match hooks.watch() {
                     Ok(w) => _watcher = Some(w),

@@ -10,13 +10,17 @@
 use std::cell::Cell;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use mlua::{
-    Function, HookTriggers, Lua, LuaOptions, StdLib, Table, UserData, UserDataFields,
+    Function, HookTriggers, Lua, LuaOptions, MetaMethod, StdLib, Table, UserData, UserDataFields,
     UserDataMethods, Value, VmState,
 };
 
-use crate::hook::script::{sample, Compiled, Limits, Returned, ScriptMessage, DECISION_KEYS};
+use crate::alert::avro::Value as AvroValue;
+use crate::hook::script::{
+    sample, AlertRecord, Compiled, Environment, Limits, Returned, ScriptMessage, DECISION_KEYS,
+};
 use crate::hook::{Decision, Hook, HookError, MessageView};
 
 /// How many instructions run between two checks of the budget.
@@ -26,7 +30,57 @@ const INSTRUCTIONS_PER_CHECK: u32 = 1_000;
 pub struct LuaScript {
     path: PathBuf,
     source: String,
-    limits: Limits,
+    env: Environment,
+}
+
+/// One value of a decoded alert as a Lua value: records stay handles into
+/// the alert; strings, bytes, arrays and maps are converted when read.
+fn alert_value(lua: &Lua, record: &AlertRecord, value: AvroValue) -> mlua::Result<Value> {
+    let alert = &record.alert;
+    Ok(match value {
+        AvroValue::Null => Value::Nil,
+        AvroValue::Bool(b) => Value::Boolean(b),
+        AvroValue::Int(i) => Value::Integer(i),
+        AvroValue::Float(f) => Value::Number(f),
+        AvroValue::Str(s) => Value::String(
+            lua.create_string(alert.text(s).map_err(|e| mlua::Error::RuntimeError(e.0))?)?,
+        ),
+        AvroValue::Bytes(s) => Value::String(lua.create_string(alert.bytes(s))?),
+        AvroValue::Enum(e, i) => Value::String(lua.create_string(alert.symbol(e, i))?),
+        AvroValue::Record(..) => Value::UserData(lua.create_userdata(record.child(value))?),
+        AvroValue::Array(..) => {
+            let items = alert.items(value);
+            let t = lua.create_table_with_capacity(items.len(), 0)?;
+            for (i, item) in items.iter().enumerate() {
+                t.raw_set(i + 1, alert_value(lua, record, *item)?)?;
+            }
+            Value::Table(t)
+        }
+        AvroValue::Map(..) => {
+            let t = lua.create_table()?;
+            for (k, v) in alert.entries(value) {
+                let AvroValue::Str(k) = k else { continue };
+                t.raw_set(
+                    lua.create_string(alert.bytes(k))?,
+                    alert_value(lua, record, v)?,
+                )?;
+            }
+            Value::Table(t)
+        }
+    })
+}
+
+impl UserData for AlertRecord {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::Index, |lua, r, name: mlua::String| {
+            let name = name.to_str()?;
+            let v = r.get(&name).map_err(mlua::Error::RuntimeError)?;
+            alert_value(lua, r, v)
+        });
+        methods.add_meta_method(MetaMethod::ToString, |_, r, ()| {
+            Ok(r.alert.to_json(r.value).to_string())
+        });
+    }
 }
 
 impl UserData for ScriptMessage {
@@ -37,6 +91,12 @@ impl UserData for ScriptMessage {
         fields.add_field_method_get("timestamp", |_, m| Ok(m.timestamp_ms));
         fields.add_field_method_get("key", |_, m| Ok(m.key_text()));
         fields.add_field_method_get("size", |_, m| Ok(m.payload.len()));
+        fields.add_field_method_get("survey", |_, m| Ok(m.survey().as_str()));
+        fields.add_field_method_get("schema_id", |_, m| Ok(m.schema_id()));
+        fields.add_field_method_get("schema_version", |_, m| {
+            m.schema_version().map_err(mlua::Error::RuntimeError)
+        });
+        fields.add_field_method_get("alert", |_, m| m.alert().map_err(mlua::Error::RuntimeError));
         fields.add_field_method_get("headers", |lua, m| {
             let t = lua.create_table()?;
             for h in m.headers.iter() {
@@ -95,6 +155,12 @@ fn state(
                 tracing::info!(target: "ztfhook::script", "{log_name}: {}", text.join("\t"));
                 Ok(())
             })?,
+        )?;
+        g.set(
+            "has",
+            lua.create_function(
+                |_, (record, name): (mlua::UserDataRef<AlertRecord>, String)| Ok(record.has(&name)),
+            )?,
         )?;
         g.set(
             "sample",
@@ -164,12 +230,12 @@ impl LuaScript {
     ///
     /// # Errors
     /// [`HookError`] with the file and line of a syntax error.
-    pub fn compile(path: PathBuf, source: &str, limits: Limits) -> Result<LuaScript, HookError> {
-        state(&path.display().to_string(), source, limits)?;
+    pub fn compile(path: PathBuf, source: &str, env: Environment) -> Result<LuaScript, HookError> {
+        state(&path.display().to_string(), source, env.limits)?;
         Ok(LuaScript {
             path,
             source: source.to_string(),
-            limits,
+            env,
         })
     }
 }
@@ -177,11 +243,11 @@ impl LuaScript {
 impl Compiled for LuaScript {
     fn instantiate(&self) -> Result<Box<dyn Hook>, HookError> {
         let name = self.path.display().to_string();
-        let (lua, route, budget) = state(&name, &self.source, self.limits)?;
+        let (lua, route, budget) = state(&name, &self.source, self.env.limits)?;
         // One message object per worker, refilled for each call: no garbage
         // per message.
         let msg = lua
-            .create_userdata(ScriptMessage::placeholder())
+            .create_userdata(ScriptMessage::placeholder(&self.env.decoder))
             .map_err(|e| HookError {
                 hook: name.clone(),
                 message: lua_error(&e),
@@ -191,7 +257,8 @@ impl Compiled for LuaScript {
             msg,
             route,
             budget,
-            max_operations: self.limits.max_operations,
+            max_operations: self.env.limits.max_operations,
+            decoder: Arc::clone(&self.env.decoder),
             name,
         }))
     }
@@ -214,6 +281,7 @@ struct LuaHook {
     route: Function,
     budget: Rc<Cell<u64>>,
     max_operations: u64,
+    decoder: Arc<crate::alert::Decoder>,
     name: String,
 }
 
@@ -352,7 +420,7 @@ impl Hook for LuaHook {
         *self
             .msg
             .borrow_mut::<ScriptMessage>()
-            .map_err(|e| self.error(lua_error(&e)))? = ScriptMessage::new(message);
+            .map_err(|e| self.error(lua_error(&e)))? = ScriptMessage::new(message, &self.decoder);
         let value = self
             .route
             .call::<Value>(&self.msg)

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 
-use crate::hook::script::{compile_text, read, Compiled, Limits};
+use crate::hook::script::{compile_text, read, Compiled, Environment};
 use crate::hook::{Decision, Hook, HookError, HookFactory, MessageView};
 
 /// Events closer together than this are one save.
@@ -25,7 +25,7 @@ const DEBOUNCE: Duration = Duration::from_millis(150);
 struct Shared {
     path: PathBuf,
     name: String,
-    limits: Limits,
+    env: Environment,
     current: RwLock<(Arc<dyn Compiled>, String)>,
     generation: AtomicU64,
     reloads: AtomicU64,
@@ -41,13 +41,13 @@ impl ScriptHooks {
     ///
     /// # Errors
     /// [`HookError`] naming the file, line and column.
-    pub fn load(path: &Path, limits: Limits) -> Result<ScriptHooks, HookError> {
+    pub fn load(path: &Path, env: Environment) -> Result<ScriptHooks, HookError> {
         let source = read(path)?;
-        let compiled = compile_text(path, &source, limits)?;
+        let compiled = compile_text(path, &source, &env)?;
         Ok(ScriptHooks(Arc::new(Shared {
             path: path.to_path_buf(),
             name: path.display().to_string(),
-            limits,
+            env,
             current: RwLock::new((compiled, source)),
             generation: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
@@ -72,7 +72,7 @@ impl ScriptHooks {
         if s.current.read().unwrap_or_else(|e| e.into_inner()).1 == source {
             return Ok(false);
         }
-        match compile_text(&s.path, &source, s.limits) {
+        match compile_text(&s.path, &source, &s.env) {
             Ok(compiled) => {
                 *s.current.write().unwrap_or_else(|e| e.into_inner()) = (compiled, source);
                 s.generation.fetch_add(1, Ordering::AcqRel);

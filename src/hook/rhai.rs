@@ -9,16 +9,57 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rhai::{Array, Blob, Dynamic, Engine, Map, Scope, AST};
+use rhai::{Array, Blob, Dynamic, Engine, EvalAltResult, Map, Scope, AST};
 
-use crate::hook::script::{sample, Compiled, Limits, Returned, ScriptMessage, DECISION_KEYS};
+use crate::alert::avro::Value;
+use crate::alert::Decoder;
+use crate::hook::script::{
+    sample, AlertRecord, Compiled, Environment, Limits, Returned, ScriptMessage, DECISION_KEYS,
+};
 use crate::hook::{Decision, Hook, HookError, MessageView};
 
 /// A compiled Rhai script.
 pub struct RhaiScript {
     path: PathBuf,
     ast: Arc<AST>,
-    limits: Limits,
+    env: Environment,
+}
+
+/// A script-facing error.
+fn script_error(message: String) -> Box<EvalAltResult> {
+    message.into()
+}
+
+/// One value of a decoded alert as a Rhai value: records stay handles into
+/// the alert; strings, bytes, arrays and maps are converted when read.
+fn alert_value(record: &AlertRecord, value: Value) -> Result<Dynamic, Box<EvalAltResult>> {
+    let alert = &record.alert;
+    Ok(match value {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => Dynamic::from(b),
+        Value::Int(i) => Dynamic::from(i),
+        Value::Float(f) => Dynamic::from(f),
+        Value::Str(s) => Dynamic::from(alert.text(s).map_err(|e| script_error(e.0))?.to_string()),
+        Value::Bytes(s) => Dynamic::from_blob(alert.bytes(s).to_vec()),
+        Value::Enum(e, i) => Dynamic::from(alert.symbol(e, i).to_string()),
+        Value::Record(..) => Dynamic::from(record.child(value)),
+        Value::Array(..) => {
+            let mut list = Array::with_capacity(alert.items(value).len());
+            for item in alert.items(value) {
+                list.push(alert_value(record, *item)?);
+            }
+            Dynamic::from_array(list)
+        }
+        Value::Map(..) => {
+            let mut map = Map::new();
+            for (k, v) in alert.entries(value) {
+                let Value::Str(k) = k else { continue };
+                let key = alert.text(k).map_err(|e| script_error(e.0))?;
+                map.insert(key.into(), alert_value(record, v)?);
+            }
+            Dynamic::from_map(map)
+        }
+    })
 }
 
 /// An engine with ztfhook's limits, helpers and message type.
@@ -62,6 +103,39 @@ fn engine(path: &str, limits: Limits) -> Engine {
         .register_fn("payload", |m: &mut ScriptMessage| -> Blob {
             m.payload.to_vec()
         })
+        .register_get("survey", |m: &mut ScriptMessage| {
+            m.survey().as_str().to_string()
+        })
+        .register_get("schema_id", |m: &mut ScriptMessage| {
+            m.schema_id()
+                .map_or(Dynamic::UNIT, |i| Dynamic::from(i64::from(i)))
+        })
+        .register_get(
+            "schema_version",
+            |m: &mut ScriptMessage| -> Result<Dynamic, Box<EvalAltResult>> {
+                Ok(m.schema_version()
+                    .map_err(script_error)?
+                    .map_or(Dynamic::UNIT, Dynamic::from))
+            },
+        )
+        .register_get(
+            "alert",
+            |m: &mut ScriptMessage| -> Result<AlertRecord, Box<EvalAltResult>> {
+                m.alert().map_err(script_error)
+            },
+        )
+        .register_type_with_name::<AlertRecord>("AlertRecord")
+        .register_indexer_get(
+            |r: &mut AlertRecord, name: &str| -> Result<Dynamic, Box<EvalAltResult>> {
+                let v = r.get(name).map_err(script_error)?;
+                alert_value(r, v)
+            },
+        )
+        .register_fn("has", |r: &mut AlertRecord, name: &str| r.has(name))
+        .register_fn("contains", |r: &mut AlertRecord, name: &str| r.has(name))
+        .register_fn("to_string", |r: &mut AlertRecord| {
+            r.alert.to_json(r.value).to_string()
+        })
         .register_fn("sample", |value: Dynamic, fraction: f64| {
             sample(&text(&value), fraction)
         })
@@ -76,9 +150,9 @@ impl RhaiScript {
     ///
     /// # Errors
     /// [`HookError`] with `path:line:column` of a syntax error.
-    pub fn compile(path: PathBuf, source: &str, limits: Limits) -> Result<RhaiScript, HookError> {
+    pub fn compile(path: PathBuf, source: &str, env: Environment) -> Result<RhaiScript, HookError> {
         let name = path.display().to_string();
-        let ast = engine(&name, limits).compile(source).map_err(|e| {
+        let ast = engine(&name, env.limits).compile(source).map_err(|e| {
             let pos = e.position();
             HookError {
                 hook: format!(
@@ -101,7 +175,7 @@ impl RhaiScript {
         Ok(RhaiScript {
             path,
             ast: Arc::new(ast),
-            limits,
+            env,
         })
     }
 }
@@ -110,8 +184,9 @@ impl Compiled for RhaiScript {
     fn instantiate(&self) -> Result<Box<dyn Hook>, HookError> {
         let name = self.path.display().to_string();
         Ok(Box::new(RhaiHook {
-            engine: engine(&name, self.limits),
+            engine: engine(&name, self.env.limits),
             ast: Arc::clone(&self.ast),
+            decoder: Arc::clone(&self.env.decoder),
             name,
         }))
     }
@@ -121,6 +196,7 @@ impl Compiled for RhaiScript {
 struct RhaiHook {
     engine: Engine,
     ast: Arc<AST>,
+    decoder: Arc<Decoder>,
     name: String,
 }
 
@@ -224,7 +300,7 @@ fn text(value: &Dynamic) -> String {
 
 impl Hook for RhaiHook {
     fn decide(&mut self, message: &MessageView<'_>) -> Result<Decision, HookError> {
-        let msg = ScriptMessage::new(message);
+        let msg = ScriptMessage::new(message, &self.decoder);
         let value = self
             .engine
             .call_fn::<Dynamic>(&mut Scope::new(), &self.ast, "route", (msg,))

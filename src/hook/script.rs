@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::alert::avro::Value;
+use crate::alert::{Alert, Decoder, Survey};
 use crate::envelope::Header;
 use crate::hook::{Decision, Hook, HookError, MessageView};
 
@@ -44,8 +46,26 @@ impl Default for Limits {
     }
 }
 
+/// What a script instance gets besides its source: the limits of a call and
+/// the alert decoder (with its schema caches) that every worker shares.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    pub limits: Limits,
+    pub decoder: Arc<Decoder>,
+}
+
+impl Environment {
+    pub fn new(limits: Limits) -> Environment {
+        Environment {
+            limits,
+            ..Environment::default()
+        }
+    }
+}
+
 /// The message as a script sees it: cheap to build (reference-counted
-/// clones), fields converted only when the script reads them.
+/// clones), fields converted only when the script reads them, the alert
+/// decoded at most once, on first use.
 #[derive(Debug, Clone)]
 pub struct ScriptMessage {
     pub topic: Arc<str>,
@@ -55,11 +75,55 @@ pub struct ScriptMessage {
     pub key: Option<Bytes>,
     pub headers: Arc<[Header]>,
     pub payload: Bytes,
+    decoder: Arc<Decoder>,
+    alert: std::sync::OnceLock<Result<Arc<Alert>, String>>,
+}
+
+/// How the error for a payload that does not decode starts.
+pub const NOT_AN_ALERT: &str = "the payload does not decode as an alert";
+
+/// A record of a decoded alert, as scripts hold it: the alert (shared) and
+/// which record.
+#[derive(Debug, Clone)]
+pub struct AlertRecord {
+    pub alert: Arc<Alert>,
+    pub value: Value,
+}
+
+impl AlertRecord {
+    /// A field's value; an error names the record and the field when the
+    /// record has no such field.
+    ///
+    /// # Errors
+    /// The message for the script.
+    pub fn get(&self, name: &str) -> Result<Value, String> {
+        self.alert.field(self.value, name).ok_or_else(|| {
+            format!(
+                "record `{}` has no field `{name}`",
+                self.alert.record_name(self.value)
+            )
+        })
+    }
+
+    /// Whether the record has a field of this name (schemas differ by version).
+    pub fn has(&self, name: &str) -> bool {
+        self.alert.field(self.value, name).is_some()
+    }
+
+    /// A child value of the same alert.
+    pub fn child(&self, value: Value) -> AlertRecord {
+        AlertRecord {
+            alert: Arc::clone(&self.alert),
+            value,
+        }
+    }
 }
 
 impl ScriptMessage {
-    pub fn new(view: &MessageView<'_>) -> ScriptMessage {
+    pub fn new(view: &MessageView<'_>, decoder: &Arc<Decoder>) -> ScriptMessage {
         ScriptMessage {
+            decoder: Arc::clone(decoder),
+            alert: std::sync::OnceLock::new(),
             topic: Arc::clone(view.topic_shared()),
             partition: view.partition(),
             offset: view.offset(),
@@ -75,8 +139,10 @@ impl ScriptMessage {
     }
 
     /// An empty message, to be refilled.
-    pub fn placeholder() -> ScriptMessage {
+    pub fn placeholder(decoder: &Arc<Decoder>) -> ScriptMessage {
         ScriptMessage {
+            decoder: Arc::clone(decoder),
+            alert: std::sync::OnceLock::new(),
             topic: Arc::from(""),
             partition: 0,
             offset: 0,
@@ -84,6 +150,57 @@ impl ScriptMessage {
             key: None,
             headers: no_headers(),
             payload: Bytes::new(),
+        }
+    }
+
+    /// The survey, from the payload's form.
+    pub fn survey(&self) -> Survey {
+        match self.alert.get() {
+            Some(Ok(a)) => a.survey,
+            _ => self.decoder.survey(&self.payload),
+        }
+    }
+
+    /// The Confluent wire-format schema id (Rubin), from the header alone.
+    pub fn schema_id(&self) -> Option<u32> {
+        crate::alert::wire_schema_id(&self.payload)
+    }
+
+    /// The alert's schema version: from the header for Rubin (`9.0`), from
+    /// the decoded `schemavsn` field for ZTF.
+    ///
+    /// # Errors
+    /// Why the payload does not decode.
+    pub fn schema_version(&self) -> Result<Option<String>, String> {
+        if let Some(id) = self.schema_id() {
+            return Ok(Some(crate::alert::rubin_version(id)));
+        }
+        let alert = self.alert()?;
+        Ok(match alert.value {
+            v @ Value::Record(..) => match alert.alert.field(v, "schemavsn") {
+                Some(Value::Str(s)) => alert.alert.text(s).ok().map(str::to_string),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+
+    /// The decoded alert record, decoded on the first call only.
+    ///
+    /// # Errors
+    /// Why the payload does not decode, for the error policy.
+    pub fn alert(&self) -> Result<AlertRecord, String> {
+        match self.alert.get_or_init(|| {
+            self.decoder
+                .decode(&self.payload)
+                .map(Arc::new)
+                .map_err(|e| format!("{NOT_AN_ALERT}: {e}"))
+        }) {
+            Ok(alert) => Ok(AlertRecord {
+                alert: Arc::clone(alert),
+                value: alert.root(),
+            }),
+            Err(e) => Err(e.clone()),
         }
     }
 
@@ -199,8 +316,8 @@ pub trait Compiled: Send + Sync {
 /// # Errors
 /// [`HookError`] naming the file, and the line and column where the engine
 /// gives them.
-pub fn compile(path: &Path, limits: Limits) -> Result<Arc<dyn Compiled>, HookError> {
-    compile_text(path, &read(path)?, limits)
+pub fn compile(path: &Path, env: &Environment) -> Result<Arc<dyn Compiled>, HookError> {
+    compile_text(path, &read(path)?, env)
 }
 
 /// Reads a script file.
@@ -222,13 +339,13 @@ pub fn read(path: &Path) -> Result<String, HookError> {
 pub fn compile_text(
     path: &Path,
     source: &str,
-    limits: Limits,
+    env: &Environment,
 ) -> Result<Arc<dyn Compiled>, HookError> {
     let language = Language::of(path).map_err(|message| HookError {
         hook: path.display().to_string(),
         message,
     })?;
-    compile_source(language, path.to_path_buf(), source, limits)
+    compile_source(language, path.to_path_buf(), source, env)
 }
 
 /// Like [`compile`], from text.
@@ -239,15 +356,23 @@ pub fn compile_source(
     language: Language,
     path: PathBuf,
     source: &str,
-    limits: Limits,
+    env: &Environment,
 ) -> Result<Arc<dyn Compiled>, HookError> {
     let compiled: Arc<dyn Compiled> = match language {
         Language::Rhai => Arc::new(crate::hook::rhai::RhaiScript::compile(
-            path, source, limits,
+            path,
+            source,
+            env.clone(),
         )?),
-        Language::Lua => Arc::new(crate::hook::lua::LuaScript::compile(path, source, limits)?),
+        Language::Lua => Arc::new(crate::hook::lua::LuaScript::compile(
+            path,
+            source,
+            env.clone(),
+        )?),
     };
-    // Checked on a synthetic message before anything runs it for real.
+    // Checked on a synthetic message before anything runs it for real. Its
+    // payload is no alert: a script that reads the alert is checked up to
+    // that read.
     let mut hook = compiled.instantiate()?;
     let envelope = crate::envelope::Envelope {
         topic: Arc::from("ztf_20260101_programid1"),
@@ -258,8 +383,10 @@ pub fn compile_source(
         headers: Vec::new(),
         payload: Bytes::from_static(b"Obj\x01"),
     };
-    hook.decide(&MessageView::new(&envelope))?;
-    Ok(compiled)
+    match hook.decide(&MessageView::new(&envelope)) {
+        Err(e) if !e.message.contains(NOT_AN_ALERT) => Err(e),
+        _ => Ok(compiled),
+    }
 }
 
 #[cfg(test)]

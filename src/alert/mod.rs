@@ -1,0 +1,394 @@
+//! Alert payloads: which survey a payload is from, and its decoded content.
+//!
+//! Two wire forms:
+//! - ZTF: an Avro Object Container File (`Obj\x01`), one record, the
+//!   writer's schema embedded. The embedded schema is followed, so every
+//!   version decodes; parsed schemas are cached by their text, so a stream
+//!   of alerts with one schema parses it once.
+//! - Rubin (LSST): Confluent wire format: byte 0, a 4-byte big-endian schema
+//!   id, schemaless Avro. The id is read without decoding; its schema comes
+//!   from [`SchemaSources`].
+//!
+//! Invariants: the survey is known from the payload's form alone (the
+//! container's schema name for ZTF, the header for Rubin); decoding copies no
+//! strings or bytes out of the payload; bad payloads are errors naming what
+//! was wrong, never panics.
+
+pub mod avro;
+pub mod schemas;
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde_json::Value as Json;
+
+use crate::alert::avro::{AvroError, Decoded, Schema, Span, Value};
+pub use crate::alert::schemas::SchemaSources;
+use crate::alert::schemas::SchemaStore;
+
+/// The survey a payload comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Survey {
+    Ztf,
+    Lsst,
+    Unknown,
+}
+
+impl Survey {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Survey::Ztf => "ztf",
+            Survey::Lsst => "lsst",
+            Survey::Unknown => "unknown",
+        }
+    }
+}
+
+/// The first bytes of an Avro Object Container File.
+const CONTAINER_MAGIC: &[u8] = b"Obj\x01";
+
+/// The schema id of a Confluent wire-format payload, from its header.
+pub fn wire_schema_id(payload: &[u8]) -> Option<u32> {
+    match payload {
+        [0, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
+/// The schema version a Rubin schema id stands for (`900` is `9.0`).
+pub fn rubin_version(schema_id: u32) -> String {
+    format!("{}.{}", schema_id / 100, schema_id % 100)
+}
+
+/// Most distinct container schemas kept at once.
+const MAX_CONTAINER_SCHEMAS: usize = 32;
+
+/// Decodes payloads; shared by every worker.
+pub struct Decoder {
+    /// Container schemas by their exact text.
+    containers: Mutex<Vec<(Bytes, Arc<Schema>)>>,
+    wire: SchemaStore,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder").finish_non_exhaustive()
+    }
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder::new(SchemaSources::default())
+    }
+}
+
+/// A container's header: its schema text and where the first block's data
+/// starts.
+struct Container<'a> {
+    schema: &'a [u8],
+    data: usize,
+    records: i64,
+}
+
+fn container(payload: &[u8]) -> Result<Container<'_>, AvroError> {
+    let mut pos = CONTAINER_MAGIC.len();
+    let mut schema = None;
+    let mut codec: &[u8] = b"null";
+    let bytes = |pos: &mut usize| -> Result<&[u8], AvroError> {
+        let n = avro::read_long(payload, pos)?;
+        let n = usize::try_from(n)
+            .ok()
+            .filter(|n| *n <= payload.len() - *pos)
+            .ok_or_else(|| AvroError(format!("container header: bad length {n}")))?;
+        let s = &payload[*pos..*pos + n];
+        *pos += n;
+        Ok(s)
+    };
+    loop {
+        let mut n = avro::read_long(payload, &mut pos)?;
+        if n == 0 {
+            break;
+        }
+        if n < 0 {
+            avro::read_long(payload, &mut pos)?;
+            n = -n;
+        }
+        for _ in 0..n {
+            let key = bytes(&mut pos)?;
+            let value = bytes(&mut pos)?;
+            match key {
+                b"avro.schema" => schema = Some(value),
+                b"avro.codec" => codec = value,
+                _ => {}
+            }
+        }
+    }
+    if !codec.is_empty() && codec != b"null" {
+        return Err(AvroError(format!(
+            "container codec `{}` is not supported (ZTF alerts use null)",
+            String::from_utf8_lossy(codec)
+        )));
+    }
+    let Some(schema) = schema else {
+        return Err(AvroError("container has no avro.schema".into()));
+    };
+    pos += 16; // sync marker
+    if pos > payload.len() {
+        return Err(AvroError("container ends inside its header".into()));
+    }
+    let records = avro::read_long(payload, &mut pos)?;
+    avro::read_long(payload, &mut pos)?; // block size
+    if records < 1 {
+        return Err(AvroError("container holds no record".into()));
+    }
+    Ok(Container {
+        schema,
+        data: pos,
+        records,
+    })
+}
+
+impl Decoder {
+    pub fn new(sources: SchemaSources) -> Decoder {
+        Decoder {
+            containers: Mutex::new(Vec::new()),
+            wire: SchemaStore::new(sources),
+        }
+    }
+
+    /// The schema of a container, parsed once per distinct text.
+    fn container_schema(&self, text: &[u8]) -> Result<Arc<Schema>, AvroError> {
+        {
+            let cache = self.containers.lock().expect("schema cache");
+            if let Some((_, s)) = cache.iter().find(|(t, _)| t.as_ref() == text) {
+                return Ok(Arc::clone(s));
+            }
+        }
+        let text_str = std::str::from_utf8(text)
+            .map_err(|_| AvroError("container schema is not UTF-8".into()))?;
+        let schema = Arc::new(avro::parse_schema(text_str, &mut |_| None)?);
+        let mut cache = self.containers.lock().expect("schema cache");
+        if cache.len() >= MAX_CONTAINER_SCHEMAS {
+            cache.remove(0);
+        }
+        cache.push((Bytes::copy_from_slice(text), Arc::clone(&schema)));
+        Ok(schema)
+    }
+
+    /// The survey, from the payload's form: a container whose schema is
+    /// named `ztf.*` or `lsst.*`, or Rubin's wire format.
+    pub fn survey(&self, payload: &[u8]) -> Survey {
+        if payload.starts_with(CONTAINER_MAGIC) {
+            let name = container(payload)
+                .and_then(|c| self.container_schema(c.schema))
+                .ok()
+                .and_then(|s| s.name().map(str::to_string));
+            return match name {
+                Some(n) if n.starts_with("ztf") => Survey::Ztf,
+                Some(n) if n.starts_with("lsst") => Survey::Lsst,
+                _ => Survey::Unknown,
+            };
+        }
+        if wire_schema_id(payload).is_some() {
+            return Survey::Lsst;
+        }
+        Survey::Unknown
+    }
+
+    /// Decodes a payload's alert record.
+    ///
+    /// # Errors
+    /// [`AvroError`] saying why: not an alert form, a schema that can't be
+    /// found or parsed, bad data.
+    pub fn decode(&self, payload: &Bytes) -> Result<Alert, AvroError> {
+        let mut decoded = Decoded::default();
+        if payload.starts_with(CONTAINER_MAGIC) {
+            let c = container(payload)?;
+            let schema = self.container_schema(c.schema)?;
+            decoded.arena.reserve(1024);
+            avro::decode(&schema, payload, c.data, &mut decoded)?;
+            let survey = match schema.name() {
+                Some(n) if n.starts_with("ztf") => Survey::Ztf,
+                Some(n) if n.starts_with("lsst") => Survey::Lsst,
+                _ => Survey::Unknown,
+            };
+            let _ = c.records;
+            return Alert::new(payload.clone(), schema, decoded, survey, None);
+        }
+        if let Some(id) = wire_schema_id(payload) {
+            let schema = self.wire.get(id)?;
+            decoded.arena.reserve(256);
+            let end = avro::decode(&schema, payload, 5, &mut decoded)?;
+            if end != payload.len() {
+                return Err(AvroError(format!(
+                    "schema id {id}: {} bytes left over after the alert (wrong schema?)",
+                    payload.len() - end
+                )));
+            }
+            return Alert::new(payload.clone(), schema, decoded, Survey::Lsst, Some(id));
+        }
+        let head: Vec<String> = payload.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        Err(AvroError(format!(
+            "not an alert: {} bytes starting {} (expected an Avro container `Obj\\x01` or the Confluent wire format's 0x00)",
+            payload.len(),
+            head.join(" ")
+        )))
+    }
+}
+
+/// A decoded alert: the payload, its schema and the decoded values.
+#[derive(Debug)]
+pub struct Alert {
+    payload: Bytes,
+    schema: Arc<Schema>,
+    decoded: Decoded,
+    root: Value,
+    pub survey: Survey,
+    /// The wire-format schema id (Rubin).
+    pub schema_id: Option<u32>,
+}
+
+impl Alert {
+    fn new(
+        payload: Bytes,
+        schema: Arc<Schema>,
+        decoded: Decoded,
+        survey: Survey,
+        schema_id: Option<u32>,
+    ) -> Result<Alert, AvroError> {
+        let root = decoded
+            .root
+            .ok_or_else(|| AvroError("nothing decoded".into()))?;
+        Ok(Alert {
+            payload,
+            schema,
+            decoded,
+            root,
+            survey,
+            schema_id,
+        })
+    }
+
+    /// The alert record.
+    pub fn root(&self) -> Value {
+        self.root
+    }
+
+    /// The record type's full name of a record value.
+    pub fn record_name(&self, record: Value) -> &str {
+        match record {
+            Value::Record(id, _) => &self.schema.records[id as usize].name,
+            _ => "",
+        }
+    }
+
+    /// A field of a record value; `None` if the record has no such field.
+    pub fn field(&self, record: Value, name: &str) -> Option<Value> {
+        let Value::Record(id, first) = record else {
+            return None;
+        };
+        let i = self.schema.records[id as usize].field(name)?;
+        Some(self.decoded.arena[first as usize + i])
+    }
+
+    /// A record's field names and values, in schema order.
+    pub fn fields(&self, record: Value) -> impl Iterator<Item = (&str, Value)> + '_ {
+        let (def, first) = match record {
+            Value::Record(id, first) => (Some(&self.schema.records[id as usize]), first),
+            _ => (None, 0),
+        };
+        def.into_iter().flat_map(move |d| {
+            d.fields
+                .iter()
+                .enumerate()
+                .map(move |(i, f)| (&*f.name, self.decoded.arena[first as usize + i]))
+        })
+    }
+
+    /// The items of an array value.
+    pub fn items(&self, array: Value) -> &[Value] {
+        match array {
+            Value::Array(start, len) => &self.decoded.arena[start as usize..(start + len) as usize],
+            _ => &[],
+        }
+    }
+
+    /// The entries of a map value, as (key, value).
+    pub fn entries(&self, map: Value) -> impl Iterator<Item = (Value, Value)> + '_ {
+        let slice = match map {
+            Value::Map(start, len) => {
+                &self.decoded.arena[start as usize..(start + 2 * len) as usize]
+            }
+            _ => &[],
+        };
+        slice.chunks_exact(2).map(|kv| (kv[0], kv[1]))
+    }
+
+    /// A string value's text.
+    ///
+    /// # Errors
+    /// [`AvroError`] if it is not UTF-8.
+    pub fn text(&self, span: Span) -> Result<&str, AvroError> {
+        std::str::from_utf8(span.of(&self.payload))
+            .map_err(|_| AvroError(format!("a string at byte {} is not UTF-8", span.start)))
+    }
+
+    /// A bytes value's bytes, shared with the payload (no copy).
+    pub fn bytes(&self, span: Span) -> Bytes {
+        self.payload
+            .slice(span.start as usize..(span.start + span.len) as usize)
+    }
+
+    /// An enum value's symbol.
+    pub fn symbol(&self, enum_id: u32, index: u32) -> &str {
+        &self.schema.enums[enum_id as usize][index as usize]
+    }
+
+    /// A value as JSON. Bytes become `{"bytes": N}`, their length: they are
+    /// cutout images, not text.
+    pub fn to_json(&self, value: Value) -> Json {
+        match value {
+            Value::Null => Json::Null,
+            Value::Bool(b) => Json::Bool(b),
+            Value::Int(i) => Json::from(i),
+            Value::Float(f) => serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number),
+            Value::Str(s) => match self.text(s) {
+                Ok(t) => Json::from(t),
+                Err(_) => Json::from(String::from_utf8_lossy(s.of(&self.payload)).into_owned()),
+            },
+            Value::Bytes(s) => serde_json::json!({ "bytes": s.len }),
+            Value::Enum(e, i) => Json::from(self.symbol(e, i)),
+            Value::Record(..) => Json::Object(
+                self.fields(value)
+                    .map(|(k, v)| (k.to_string(), self.to_json(v)))
+                    .collect(),
+            ),
+            Value::Array(..) => {
+                Json::Array(self.items(value).iter().map(|v| self.to_json(*v)).collect())
+            }
+            Value::Map(..) => Json::Object(
+                self.entries(value)
+                    .map(|(k, v)| {
+                        let key = match k {
+                            Value::Str(s) => {
+                                String::from_utf8_lossy(s.of(&self.payload)).into_owned()
+                            }
+                            _ => String::new(),
+                        };
+                        (key, self.to_json(v))
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// A field found by a dotted path (`candidate.rb`), if every step exists
+    /// and is a record.
+    pub fn path(&self, path: &str) -> Option<Value> {
+        let mut v = self.root;
+        for step in path.split('.') {
+            v = self.field(v, step)?;
+        }
+        Some(v)
+    }
+}
