@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use ztfhook::envelope::Envelope;
-use ztfhook::hook::script::{compile, sample, Limits};
+use ztfhook::hook::script::{compile, sample, Environment};
 use ztfhook::hook::{Decision, Hook, HookError, MessageView, Passthrough};
 
 /// The routing rule of `scripts/ztf_route_sample.*`, in Rust.
@@ -62,7 +62,7 @@ fn bench(c: &mut Criterion) {
         ("routing/rhai", "ztf_route_sample.rhai"),
         ("routing/lua", "ztf_route_sample.lua"),
     ] {
-        let hook = compile(&scripts.join(file), Limits::default())
+        let hook = compile(&scripts.join(file), &Environment::default())
             .unwrap()
             .instantiate()
             .unwrap();

@@ -10,7 +10,8 @@ use crate::envelope::Envelope;
 use crate::hook::script::{compile, Environment};
 use crate::hook::{HookError, MessageView};
 
-/// Expands directories into their `.avro` files, sorted; files stay as given.
+/// Expands directories (and their subdirectories) into their `.avro` files,
+/// sorted; files stay as given.
 ///
 /// # Errors
 /// The error of a directory that cannot be read.
@@ -20,10 +21,16 @@ pub fn alert_files(inputs: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
         if input.is_dir() {
             let mut inner: Vec<PathBuf> = std::fs::read_dir(input)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "avro"))
+                .filter(|p| p.is_dir() || p.extension().is_some_and(|x| x == "avro"))
                 .collect();
             inner.sort();
-            out.extend(inner);
+            for p in inner {
+                if p.is_dir() {
+                    out.extend(alert_files(&[p])?);
+                } else {
+                    out.push(p);
+                }
+            }
         } else {
             out.push(input.clone());
         }

@@ -480,6 +480,13 @@ impl Worker {
         let mut topics = Vec::with_capacity(named.len());
         let mut publishers = Vec::with_capacity(named.len());
         for name in named {
+            if name == crate::hook::DEFAULT_TOPIC {
+                if !topics.contains(&self.default_topic) {
+                    topics.push(self.default_topic.clone());
+                    publishers.extend(self.default_publisher.iter().cloned());
+                }
+                continue;
+            }
             if !self.topics.contains_key(name) {
                 let topic = TopicName::parse(&self.project, name)
                     .map_err(|e| format!("hook topic: {e}"))?;

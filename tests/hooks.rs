@@ -12,7 +12,7 @@ use bytes::Bytes;
 use common::sample_alerts;
 use ztfhook::envelope::Envelope;
 use ztfhook::hook::reload::ScriptHooks;
-use ztfhook::hook::script::{compile, compile_source, Language, Limits};
+use ztfhook::hook::script::{compile, compile_source, Environment, Language, Limits};
 use ztfhook::hook::{Decision, Hook, HookFactory, MessageView, Passthrough};
 
 fn scripts() -> PathBuf {
@@ -32,7 +32,7 @@ fn envelope(topic: &str, offset: i64, payload: Vec<u8>) -> Envelope {
 }
 
 fn hook_for(path: &Path) -> Box<dyn Hook> {
-    compile(path, Limits::default())
+    compile(path, &Environment::default())
         .unwrap_or_else(|e| panic!("{e}"))
         .instantiate()
         .unwrap()
@@ -47,10 +47,10 @@ fn source_hook(language: Language, source: &str) -> Result<Box<dyn Hook>, String
         language,
         PathBuf::from(name),
         source,
-        Limits {
+        &Environment::new(Limits {
             max_operations: 100_000,
             ..Limits::default()
-        },
+        }),
     )
     .and_then(|c| c.instantiate())
     .map_err(|e| e.to_string())
@@ -295,7 +295,7 @@ fn an_edited_script_is_swapped_in_and_a_broken_edit_keeps_the_previous_one() {
             )
         };
         std::fs::write(&path, first).unwrap();
-        let hooks = ScriptHooks::load(&path, Limits::default()).unwrap();
+        let hooks = ScriptHooks::load(&path, Environment::default()).unwrap();
         let _watch = hooks.watch().unwrap();
         let mut hook = hooks.build().unwrap();
         let e = envelope("t", 0, vec![1]);

@@ -218,7 +218,8 @@ impl Decoder {
         if let Some(id) = wire_schema_id(payload) {
             let schema = self.wire.get(id)?;
             decoded.arena.reserve(256);
-            let end = avro::decode(&schema, payload, 5, &mut decoded)?;
+            let end = avro::decode(&schema, payload, 5, &mut decoded)
+                .map_err(|e| AvroError(format!("schema id {id}: {e}")))?;
             if end != payload.len() {
                 return Err(AvroError(format!(
                     "schema id {id}: {} bytes left over after the alert (wrong schema?)",

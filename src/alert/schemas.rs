@@ -79,7 +79,7 @@ impl SchemaStore {
             }
         }
         if let Some(url) = &self.sources.registry {
-            match self.from_registry(url, id) {
+            match self.fetch(url, id) {
                 Ok(s) => return Ok(s),
                 Err(e) => tried.push(e.0),
             }
@@ -93,7 +93,7 @@ impl SchemaStore {
         Err(AvroError(format!("schema id {id}: {}", tried.join("; "))))
     }
 
-    fn from_registry(&self, base: &str, id: u32) -> Result<Schema, AvroError> {
+    fn fetch(&self, base: &str, id: u32) -> Result<Schema, AvroError> {
         let url = format!("{}/schemas/ids/{id}", base.trim_end_matches('/'));
         let client = {
             let mut client = self.client.lock().expect("registry client");

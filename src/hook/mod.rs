@@ -57,6 +57,10 @@ impl<'a> MessageView<'a> {
     }
 }
 
+/// A destination a hook may name for the configured topic, to fan out to it
+/// and others. Not a valid Pub/Sub topic id, so it can't clash with one.
+pub const DEFAULT_TOPIC: &str = "@default";
+
 /// What to do with one message.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Decision {
