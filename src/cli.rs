@@ -37,6 +37,22 @@ pub enum Command {
     Run,
     /// Validate the configuration file and print it (secrets redacted).
     CheckConfig,
+    /// Print what arrives on the configured topics (or --topic), one line per
+    /// alert, without committing anything for the bridge's group.
+    Tail {
+        /// Start at the oldest message, not at new ones.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many messages.
+        #[arg(long)]
+        max: Option<u64>,
+        /// How to print each message.
+        #[arg(long, value_enum, default_value = "line")]
+        format: ztfhook::tail::Format,
+        /// Topics to read instead of the config's (names, ^regex or date templates).
+        #[arg(long = "topic")]
+        topics: Vec<String>,
+    },
     /// Run the hook (--script) on alert files offline and print each decision.
     Check {
         /// The Kafka topic the files are taken to come from.

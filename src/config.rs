@@ -53,6 +53,9 @@ const KAFKA_DEFAULTS: &[(&str, &str)] = &[
     // keep a small VM's memory bounded alongside ztfhook's own in-flight bound.
     ("queued.max.messages.kbytes", "32768"),
     ("client.id", "ztfhook"),
+    // default 300000: a new night's topic (or one matching a regular
+    // expression) is found within 30 s of its creation, not 5 min.
+    ("topic.metadata.refresh.interval.ms", "30000"),
 ];
 
 /// The validated configuration.
@@ -97,8 +100,11 @@ pub struct HookOptions {
 pub struct Kafka {
     /// librdkafka properties, by librdkafka's own names, defaults included.
     pub properties: BTreeMap<String, String>,
-    /// Topic names, or regular expressions that start with `^`.
+    /// Topic names, regular expressions that start with `^`, or nightly
+    /// date templates (`ztf_{YYYYMMDD}_programid1`).
     pub topics: Vec<String>,
+    /// How many nights before tonight a date template also subscribes to.
+    pub previous_nights: u32,
 }
 
 impl Kafka {
@@ -128,6 +134,7 @@ impl fmt::Debug for Kafka {
         f.debug_struct("Kafka")
             .field("properties", &redacted)
             .field("topics", &self.topics)
+            .field("previous_nights", &self.previous_nights)
             .finish()
     }
 }
@@ -579,10 +586,24 @@ fn validate_kafka(at: &Locator<'_>, table: toml::Table) -> Result<Kafka, ConfigE
     let mut entries = Vec::new();
     flatten("", table, &mut entries);
     let mut topics = None;
+    let mut previous_nights = 0;
     let mut properties = BTreeMap::new();
     for (key, value) in entries {
         let span = || at.kafka_key_span(&key);
         let full = format!("kafka.{key}");
+        if key == "previous_nights" {
+            previous_nights = match value {
+                toml::Value::Integer(n) if (0..=30).contains(&n) => n as u32,
+                _ => {
+                    return at.invalid(
+                        span(),
+                        &full,
+                        "expected a whole number of nights from 0 to 30",
+                    )
+                }
+            };
+            continue;
+        }
         if key == "topics" {
             let toml::Value::Array(items) = value else {
                 return at.invalid(span(), &full, "expected a list of topic names, e.g. [\"ztf_20261125_programid1\"] or [\"^ztf_.*\"]");
@@ -653,7 +674,11 @@ fn validate_kafka(at: &Locator<'_>, table: toml::Table) -> Result<Kafka, ConfigE
             .entry(k.to_string())
             .or_insert_with(|| v.to_string());
     }
-    Ok(Kafka { properties, topics })
+    Ok(Kafka {
+        properties,
+        topics,
+        previous_nights,
+    })
 }
 
 /// Asks librdkafka whether it accepts one property, without printing secrets.
@@ -677,6 +702,22 @@ fn check_librdkafka_property(key: &str, value: &str) -> Result<(), String> {
 /// Kafka's topic naming rule (letters, digits, `.`, `_`, `-`; at most 249),
 /// or a regular expression subscription starting with `^`.
 fn check_kafka_topic(name: &str) -> Result<(), String> {
+    if crate::source::subscription::is_template(name) {
+        let example = crate::source::subscription::Date {
+            year: 2026,
+            month: 11,
+            day: 25,
+        }
+        .fill(name);
+        if example.contains('{') || example.contains('}') {
+            return Err(format!(
+                "`{name}`: a date template knows only {}",
+                crate::source::subscription::PLACEHOLDERS.join(", ")
+            ));
+        }
+        return check_kafka_topic(&example)
+            .map_err(|e| format!("`{name}` gives a bad topic name: {e}"));
+    }
     if let Some(pattern) = name.strip_prefix('^') {
         if pattern.is_empty() {
             return Err("a regular expression subscription needs a pattern after `^`".into());

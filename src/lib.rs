@@ -44,3 +44,4 @@ pub mod pipeline;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod tail;

@@ -64,6 +64,36 @@ fn main() -> ExitCode {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     }
+    if let Some(cli::Command::Tail {
+        from_beginning,
+        max,
+        format,
+        topics,
+    }) = &cli.command
+    {
+        let shutdown = Arc::new(Shutdown::new());
+        // Ctrl-C stops the loop after the message in hand.
+        let signals = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build();
+        if let Ok(rt) = &signals {
+            rt.spawn(ztfhook::shutdown::listen_for_signals(Arc::clone(&shutdown)));
+        }
+        let options = ztfhook::tail::TailOptions {
+            from_beginning: *from_beginning,
+            max: *max,
+            format: *format,
+            topics: topics.clone(),
+        };
+        return match ztfhook::tail::run(&config, &options, &shutdown, &mut std::io::stdout()) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ztfhook: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let script = cli.script.clone().or_else(|| config.hook.script.clone());
     let mut _watcher = None;
     let hooks: Arc<dyn HookFactory> = match script {

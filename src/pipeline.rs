@@ -36,9 +36,12 @@ use crate::offsets::{Ack, Outcome};
 use crate::shutdown::Shutdown;
 use crate::sink::pubsub::{check_topics, Delivery, Endpoint, PubsubSink, SinkError};
 use crate::source::kafka::{self, Ledger, Printable, SourceContext, SourceError};
+use crate::source::subscription::{Clock, Subscription, SystemClock};
 
 /// Messages waiting for a worker, per worker.
 const QUEUE_PER_WORKER: usize = 64;
+/// How often the consumer looks at the UTC date, for nightly templates.
+const DATE_CHECK: Duration = Duration::from_secs(5);
 /// Room in a publish request for the topic name and the message's framing.
 const REQUEST_OVERHEAD: usize = 1_024;
 
@@ -79,6 +82,19 @@ pub fn run(
     config: Config,
     hooks: Arc<dyn HookFactory>,
     shutdown: Arc<Shutdown>,
+) -> Result<Summary, BridgeError> {
+    run_with_clock(config, hooks, shutdown, Arc::new(SystemClock))
+}
+
+/// [`run`], with the clock that dates nightly topic templates.
+///
+/// # Errors
+/// As [`run`].
+pub fn run_with_clock(
+    config: Config,
+    hooks: Arc<dyn HookFactory>,
+    shutdown: Arc<Shutdown>,
+    clock: Arc<dyn Clock>,
 ) -> Result<Summary, BridgeError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -122,10 +138,15 @@ pub fn run(
         Arc::clone(&metrics),
     );
     let consumer = kafka::create(&config, context)?;
-    kafka::check_and_subscribe(&consumer, &config)?;
+    let subscription = Subscription::new(
+        config.kafka.topics.clone(),
+        config.kafka.previous_nights,
+        clock,
+    );
+    let mut subscribed = kafka::check_and_subscribe(&consumer, &config, &subscription)?;
     tracing::info!(
         "consuming {:?} as group `{}` from {}",
-        config.kafka.topics,
+        subscribed,
         config.kafka.group_id(),
         config
             .kafka
@@ -155,6 +176,7 @@ pub fn run(
     let mut topics = HashMap::new();
     let mut paused = false;
     let mut last_commit = Instant::now();
+    let mut last_date_check = Instant::now();
     let mut stats = StatsLine::new(&metrics);
     while !shutdown.is_stopping() {
         let full = {
@@ -215,6 +237,17 @@ pub fn run(
                 metrics.commits.fetch_add(1, Ordering::Relaxed);
             }
             last_commit = Instant::now();
+        }
+        if subscription.has_templates() && last_date_check.elapsed() >= DATE_CHECK {
+            last_date_check = Instant::now();
+            let now = subscription.patterns();
+            if now != subscribed {
+                tracing::info!("the UTC date changed: subscribing to {now:?}");
+                match kafka::subscribe(&consumer, &now) {
+                    Ok(()) => subscribed = now,
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
         }
         if stats.due(limits.stats_interval) {
             consumer.context().ledger().publish_gauges();

@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::envelope::{Envelope, Header};
 use crate::metrics::Metrics;
 use crate::offsets::{Ack, OffsetTracker, Outcome, PartitionKey};
+use crate::source::subscription::Subscription;
 
 /// How long the start-up check waits for the brokers.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
@@ -353,7 +354,8 @@ fn redact(config: &Config, text: &str) -> String {
 pub fn check_and_subscribe(
     consumer: &BaseConsumer<SourceContext>,
     config: &Config,
-) -> Result<(), SourceError> {
+    subscription: &Subscription,
+) -> Result<Vec<String>, SourceError> {
     let servers = config
         .kafka
         .properties
@@ -372,11 +374,11 @@ pub fn check_and_subscribe(
                 message: redact(config, &message),
             }
         })?;
-    for name in config.kafka.topics.iter().filter(|t| !t.starts_with('^')) {
+    for name in subscription.names() {
         match metadata.topics().iter().find(|t| t.name() == name) {
             None => {
                 return Err(SourceError::TopicNotFound {
-                    topic: name.clone(),
+                    topic: name.to_string(),
                     servers,
                 })
             }
@@ -386,23 +388,53 @@ pub fn check_and_subscribe(
                     let code = rdkafka::types::RDKafkaErrorCode::from(e);
                     if code == rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition {
                         return Err(SourceError::TopicNotFound {
-                            topic: name.clone(),
+                            topic: name.to_string(),
                             servers,
                         });
                     }
                     return Err(SourceError::Topic {
-                        topic: name.clone(),
+                        topic: name.to_string(),
                         message: code.to_string(),
                     });
                 }
             },
         }
     }
-    let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
+    if subscription.has_templates() {
+        let nightly = subscription.nightly_topics();
+        let present: Vec<&String> = nightly
+            .iter()
+            .filter(|n| metadata.topics().iter().any(|t| &t.name() == n))
+            .collect();
+        if present.is_empty() {
+            tracing::warn!(
+                "none of tonight's topics exist yet ({}); they are picked up when they appear",
+                nightly.join(", ")
+            );
+        } else {
+            tracing::info!("nightly topics present: {present:?}");
+        }
+    }
+    let patterns = subscription.patterns();
+    subscribe(consumer, &patterns)?;
+    Ok(patterns)
+}
+
+/// Subscribes to topic names and regular expressions, replacing the
+/// previous subscription (partitions that no longer match are revoked, and
+/// their offsets committed, by the rebalance).
+///
+/// # Errors
+/// [`SourceError::Subscribe`] with librdkafka's reason.
+pub fn subscribe(
+    consumer: &BaseConsumer<SourceContext>,
+    patterns: &[String],
+) -> Result<(), SourceError> {
+    let topics: Vec<&str> = patterns.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
         .map_err(|e| SourceError::Subscribe {
-            topics: config.kafka.topics.clone(),
+            topics: patterns.to_vec(),
             message: e.to_string(),
         })
 }
