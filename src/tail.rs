@@ -131,13 +131,11 @@ pub fn run(
                 out.flush()?;
                 printed += 1;
             }
-            Some(Err(e)) => {
-                if last_error.elapsed() > Duration::from_secs(5) {
-                    tracing::warn!("kafka: {e}");
-                    last_error = Instant::now();
-                }
+            Some(Err(e)) if last_error.elapsed() > Duration::from_secs(5) => {
+                tracing::warn!("kafka: {e}");
+                last_error = Instant::now();
             }
-            None => {}
+            Some(Err(_)) | None => {}
         }
     }
     Ok(printed)
