@@ -43,10 +43,10 @@ impl Hook for RustRouting {
 }
 
 fn alert() -> Envelope {
-    sample("ztf/fink_v3.3_1095578115815010001.avro")
+    sample_file("ztf/fink_v3.3_1095578115815010001.avro")
 }
 
-fn sample(file: &str) -> Envelope {
+fn sample_file(file: &str) -> Envelope {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/alerts")
         .join(file);
@@ -118,7 +118,7 @@ fn decoding(c: &mut Criterion) {
         })),
     };
     let ztf = alert();
-    let rubin = sample("rubin/lsst_v9_0_wire_169298432645136561.avro");
+    let rubin = sample_file("rubin/lsst_v9_0_wire_169298432645136561.avro");
     let mut group = c.benchmark_group("alert");
     for (name, envelope) in [("decode/rust-ztf", &ztf), ("decode/rust-rubin", &rubin)] {
         let decoder = Arc::clone(&env.decoder);
