@@ -119,8 +119,14 @@ fn decoding(c: &mut Criterion) {
     };
     let ztf = alert();
     let rubin = sample_file("rubin/lsst_v9_0_wire_169298432645136561.avro");
+    // The sample with the most history: 27 previous candidates.
+    let ztf_long = sample_file("ztf/fink_v3.2_697252845215010000.avro");
     let mut group = c.benchmark_group("alert");
-    for (name, envelope) in [("decode/rust-ztf", &ztf), ("decode/rust-rubin", &rubin)] {
+    for (name, envelope) in [
+        ("decode/rust-ztf", &ztf),
+        ("decode/rust-ztf-27prv", &ztf_long),
+        ("decode/rust-rubin", &rubin),
+    ] {
         let decoder = Arc::clone(&env.decoder);
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| decoder.decode(&envelope.payload).unwrap())
@@ -129,6 +135,12 @@ fn decoding(c: &mut Criterion) {
     for (name, language, source, envelope) in [
         ("ztf-candidate/rhai", Language::Rhai, ZTF_RHAI, &ztf),
         ("ztf-candidate/lua", Language::Lua, ZTF_LUA, &ztf),
+        (
+            "ztf-27prv-candidate/rhai",
+            Language::Rhai,
+            ZTF_RHAI,
+            &ztf_long,
+        ),
         ("rubin-diasource/rhai", Language::Rhai, RUBIN_RHAI, &rubin),
         ("rubin-diasource/lua", Language::Lua, RUBIN_LUA, &rubin),
     ] {
