@@ -36,6 +36,11 @@ const CRATE_RETRY_LIMIT: Duration = Duration::from_secs(10);
 /// Backoff of ztfhook's own retry loop.
 const RETRY_INITIAL: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long a topic may be missing at run time before that is fatal: long
+/// enough for an emulator restart or a deleted topic to be recreated, short
+/// enough that a hook's typo stops the bridge in a minute. (A missing
+/// configured topic at start-up is fatal at once.)
+const NOT_FOUND_GRACE: Duration = Duration::from_secs(60);
 /// How long the start-up check waits for Pub/Sub to answer.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -125,6 +130,14 @@ fn credentials(endpoint: &Endpoint) -> Option<google_cloud_auth::credentials::Cr
             Some(google_cloud_auth::credentials::anonymous::Builder::new().build())
         }
         Endpoint::Google(_) => None,
+    }
+}
+
+/// Whether a publish error says the topic does not exist.
+fn is_not_found(error: &google_cloud_pubsub::Error) -> bool {
+    match error.status() {
+        Some(status) => status.code == Code::NotFound,
+        None => error.http_status_code() == Some(404),
     }
 }
 
@@ -339,10 +352,28 @@ impl PubsubSink {
         let mut message = Some(first);
         let mut delay = RETRY_INITIAL;
         let mut attempt: u64 = 0;
+        let mut missing_since: Option<std::time::Instant> = None;
         loop {
             let m = message.take().unwrap_or_else(&again);
             match publisher.publish(m).await {
                 Ok(_) => return true,
+                Err(google_cloud_pubsub::error::PublishError::Rpc(e))
+                    if is_not_found(&e)
+                        && missing_since
+                            .get_or_insert_with(std::time::Instant::now)
+                            .elapsed()
+                            < NOT_FOUND_GRACE =>
+                {
+                    attempt += 1;
+                    self.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                    if attempt == 1 || attempt.is_power_of_two() {
+                        tracing::warn!(
+                            "pubsub topic `{topic}`: not found (attempt {attempt}); retrying for up to {NOT_FOUND_GRACE:?} in case it is being recreated"
+                        );
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
+                }
                 Err(google_cloud_pubsub::error::PublishError::Rpc(e)) if is_permanent(&e) => {
                     self.shutdown.fail(format!(
                         "pubsub topic `{topic}`: publishing {}[{}]@{} failed permanently: {e}",

@@ -578,15 +578,30 @@ pub struct PrivateEmulator {
     _dir: tempfile::TempDir,
 }
 
+/// A free loopback port (free when asked; services bind it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl PrivateEmulator {
     pub fn start() -> PrivateEmulator {
+        Self::start_on(free_port())
+    }
+
+    /// Kills the emulator and starts a new, empty one on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port: u16 = self.host.rsplit(':').next().unwrap().parse().unwrap();
+        *self = Self::start_on(port);
+    }
+
+    pub fn start_on(port: u16) -> PrivateEmulator {
         use std::os::unix::process::CommandExt;
         let bin = var("PUBSUB_EMULATOR_BIN");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("emulator.log");
         let child = Command::new(bin)
@@ -626,6 +641,9 @@ impl PrivateEmulator {
 
     /// Kills the emulator and its JVM (the whole process group).
     pub fn kill(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-s", "KILL", "--"])
             .arg(format!("-{}", self.child.id()))
@@ -640,4 +658,86 @@ impl Drop for PrivateEmulator {
             self.kill();
         }
     }
+}
+
+/// A tansu broker of a test's own (sqlite storage), to stop and restart
+/// while a bridge uses it.
+pub struct PrivateTansu {
+    pub bootstrap: String,
+    port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    starts: usize,
+}
+
+impl PrivateTansu {
+    pub fn start() -> PrivateTansu {
+        let mut t = PrivateTansu {
+            bootstrap: String::new(),
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            starts: 0,
+        };
+        t.bootstrap = format!("127.0.0.1:{}", t.port);
+        t.launch();
+        t
+    }
+
+    fn launch(&mut self) {
+        self.starts += 1;
+        let log = self.dir.path().join(format!("tansu-{}.log", self.starts));
+        let child = Command::new(var("ZTFHOOK_TANSU"))
+            .current_dir(self.dir.path())
+            .arg("broker")
+            .arg("--listener-url")
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .arg("--advertised-listener-url")
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .arg("--storage-engine")
+            .arg("sqlite://tansu.db")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("start tansu");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("ready in")
+        {
+            assert!(Instant::now() < deadline, "tansu did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child = Some(child);
+    }
+
+    /// Kills the broker (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn start_again(&mut self) {
+        self.launch();
+    }
+}
+
+impl Drop for PrivateTansu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// RSS of a process in MB, from /proc.
+pub fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
 }
