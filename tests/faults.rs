@@ -292,3 +292,95 @@ async fn two_instances_split_the_partitions_and_one_takes_over_when_the_other_is
     wait_for_commits(&cc, &group, &topic, &[20; 8]);
     assert_eq!(a.stop().code(), Some(0), "log:\n{}", a.log_text());
 }
+
+const HOSTILE_RHAI: &str = r#"
+fn route(msg) {
+    let kind = msg.offset % 5;
+    if kind == 0 {
+        let attrs = #{};
+        for i in 0..101 { attrs[`a${i}`] = i; }
+        return #{ attributes: attrs };
+    }
+    if kind == 1 { let big = ""; big.pad(2000, 'x'); return #{ attributes: #{ big: big } }; }
+    if kind == 2 { let s = "x"; loop { s += s; } }
+    if kind == 3 { return #{ attributes: #{ id: msg.alert.objectId } }; }
+    #{ attributes: #{ fine: true } }
+}"#;
+
+const HOSTILE_LUA: &str = r#"
+function route(msg)
+  local kind = msg.offset % 5
+  if kind == 0 then
+    local attrs = {}
+    for i = 0, 100 do attrs["a" .. i] = i end
+    return { attributes = attrs }
+  end
+  if kind == 1 then return { attributes = { big = string.rep("x", 2000) } } end
+  if kind == 2 then
+    local t = {}
+    while true do t[#t + 1] = string.rep("y", 1000000) .. #t end
+  end
+  if kind == 3 then return { attributes = { id = msg.alert.objectId } } end
+  return { attributes = { fine = true } }
+end"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_hook_output_and_non_alert_payloads_go_to_the_dead_letter_topic_with_the_reason() {
+    let s = services();
+    for (ext, source) in [("rhai", HOSTILE_RHAI), ("lua", HOSTILE_LUA)] {
+        let (topic, group) = (unique("hostile"), unique("group"));
+        let (ps, dlq) = (unique("fine"), unique("dlq"));
+        let cc = kafka_config(&s.bootstrap, &[]);
+        create_kafka_topic(&cc, &topic, 1).await;
+        let mut fine = Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &ps).await).await;
+        let mut dead =
+            Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &dlq).await).await;
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join(format!("hostile.{ext}"));
+        std::fs::write(&script, source).unwrap();
+        let mut config = BridgeConfig::new(&s.bootstrap, &group, &topic, &ps);
+        config.dead_letter_topic = Some(dlq.clone());
+        config.hook = vec![
+            (
+                "script".into(),
+                format!("{:?}", script.display().to_string()),
+            ),
+            ("on_error".into(), "\"deadletter\"".into()),
+        ];
+        let payloads: Vec<Vec<u8>> = (0..10)
+            .map(|i| format!("not avro {i}").into_bytes())
+            .collect();
+        produce(&cc, &topic, &records(&payloads, 1)).await;
+        let mut bridge = Bridge::start(&config);
+        let good = fine.pull(2, PULL).await;
+        let bad = dead.pull(8, PULL).await;
+        assert_eq!(good.len(), 2, "{ext}: log:\n{}", bridge.log_text());
+        assert_eq!(bad.len(), 8, "{ext}: log:\n{}", bridge.log_text());
+        for m in &good {
+            assert_eq!(m.coordinates().1 % 5, 4);
+            assert_eq!(m.attributes["fine"], "true");
+        }
+        for m in &bad {
+            let error = &m.attributes["ztfhook.error"];
+            let why = match m.coordinates().1 % 5 {
+                0 => "attributes",
+                1 => "1024",
+                2 => {
+                    if ext == "rhai" {
+                        "string"
+                    } else {
+                        "memory"
+                    }
+                }
+                3 => "does not decode as an alert",
+                other => panic!("offset kind {other} went to the dead-letter topic: {error}"),
+            };
+            assert!(error.contains(why), "{ext}: {why:?} not in {error:?}");
+            assert!(m.len > 0, "the payload travels with the reason");
+        }
+        let (unique_bad, _) = tally(&bad);
+        assert_eq!(unique_bad.len(), 8);
+        wait_for_commits(&cc, &group, &topic, &[10]);
+        assert_eq!(bridge.stop().code(), Some(0), "log:\n{}", bridge.log_text());
+    }
+}
