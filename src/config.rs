@@ -71,6 +71,8 @@ pub struct Config {
     pub hook: HookOptions,
     /// Where the schemas of Rubin's wire-format alerts come from.
     pub alerts: crate::alert::SchemaSources,
+    /// Where `/metrics` and `/healthz` are served; `None`: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What a hook failure does to the message it failed on.
@@ -296,6 +298,14 @@ struct ConfigFile {
     hook: HookConfig,
     #[serde(default)]
     alerts: AlertsConfig,
+    #[serde(default)]
+    metrics: MetricsConfig,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MetricsConfig {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -502,6 +512,20 @@ impl Config {
         let pipeline = validate_pipeline(&at, file.pipeline)?;
         let hook = validate_hook(&at, file.hook, pubsub.dead_letter_topic.is_some())?;
         let alerts = validate_alerts(&at, file.alerts)?;
+        let metrics_listen = match file.metrics.listen {
+            None => None,
+            Some(l) => {
+                let text = expand_env(l.get_ref(), &env_lookup)
+                    .or_else(|m| at.invalid(l.span(), "metrics.listen", m))?;
+                Some(text.parse::<std::net::SocketAddr>().or_else(|_| {
+                    at.invalid(
+                        l.span(),
+                        "metrics.listen",
+                        format!("`{text}` is not an address and port, e.g. \"0.0.0.0:9464\""),
+                    )
+                })?)
+            }
+        };
         Ok(Config {
             source: path.to_path_buf(),
             kafka,
@@ -514,6 +538,7 @@ impl Config {
             },
             hook,
             alerts,
+            metrics_listen,
         })
     }
 

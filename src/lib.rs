@@ -38,6 +38,7 @@ pub mod check;
 pub mod config;
 pub mod envelope;
 pub mod hook;
+pub mod http;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;

@@ -1,13 +1,77 @@
-//! Counters, in one place, and the periodic stats line.
+//! Counters, in one place; the periodic stats line; and their Prometheus
+//! text form for the `/metrics` endpoint.
 //!
 //! Most counters have a single writer (the consumer thread, which sees every
-//! registration and every acknowledgement), so the atomics are uncontended.
+//! registration and every acknowledgement), so the atomics are uncontended;
+//! per-destination counters and partition lags sit behind short mutexes,
+//! touched once per publish and once per librdkafka statistics report.
 
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// A histogram with fixed bucket bounds (seconds), lock-free.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+/// Bucket bounds for publish latency, in seconds.
+pub const PUBLISH_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Bucket bounds for hook time, in seconds.
+pub const HOOK_BOUNDS: &[f64] = &[
+    0.000_001, 0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.01, 0.1,
+];
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_ns: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = self.bounds.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, n) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += n.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// What was published to one Pub/Sub topic.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TopicCounts {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
 /// Process-wide counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     pub consumed: AtomicU64,
     pub consumed_bytes: AtomicU64,
@@ -29,13 +93,230 @@ pub struct Metrics {
     pub in_flight_bytes: AtomicU64,
     /// Sum of consumer lag over assigned partitions, from librdkafka statistics; -1 if unknown.
     pub lag: AtomicI64,
+    /// Consumer lag per (topic, partition), from the latest statistics.
+    pub partition_lag: Mutex<BTreeMap<(String, i32), i64>>,
+    /// Messages and bytes accepted by Pub/Sub, per destination topic.
+    pub per_topic: Mutex<HashMap<String, TopicCounts>>,
+    /// From the first publish attempt to Pub/Sub's acknowledgement.
+    pub publish_latency: Histogram,
+    /// Time in the hook, per message.
+    pub hook_time: Histogram,
+    pub assigned_partitions: AtomicI64,
+    /// Milliseconds since start when publishing began to fail without a
+    /// success since; 0 when the last attempt succeeded.
+    pub failing_since_ms: AtomicU64,
+    pub started: Instant,
 }
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            consumed: AtomicU64::new(0),
+            consumed_bytes: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            published_bytes: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            omitted_attributes: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            hook_errors: AtomicU64::new(0),
+            in_flight_messages: AtomicU64::new(0),
+            in_flight_bytes: AtomicU64::new(0),
+            lag: AtomicI64::new(-1),
+            partition_lag: Mutex::new(BTreeMap::new()),
+            per_topic: Mutex::new(HashMap::new()),
+            publish_latency: Histogram::new(PUBLISH_BOUNDS),
+            hook_time: Histogram::new(HOOK_BOUNDS),
+            assigned_partitions: AtomicI64::new(0),
+            failing_since_ms: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// How long publishing may fail without a success before `/healthz` says so.
+pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(30);
 
 impl Metrics {
     pub fn new() -> Self {
-        let m = Metrics::default();
-        m.lag.store(-1, Relaxed);
-        m
+        Metrics::default()
+    }
+
+    /// Records a publish that Pub/Sub accepted.
+    pub fn published_to(&self, topic: &str, bytes: usize, latency: Duration) {
+        self.publish_latency.observe(latency);
+        self.failing_since_ms.store(0, Relaxed);
+        let mut map = self.per_topic.lock().unwrap_or_else(|e| e.into_inner());
+        let c = map.entry(topic.to_string()).or_default();
+        c.messages += 1;
+        c.bytes += bytes as u64;
+    }
+
+    /// Records a failed publish attempt.
+    pub fn publish_failed(&self) {
+        let now = self.started.elapsed().as_millis().max(1) as u64;
+        let _ = self
+            .failing_since_ms
+            .compare_exchange(0, now, Relaxed, Relaxed);
+    }
+
+    /// `Ok` when partitions are assigned and publishing is not failing for
+    /// longer than [`UNHEALTHY_AFTER`]; otherwise why not.
+    ///
+    /// # Errors
+    /// The reason, for the `/healthz` body.
+    pub fn health(&self) -> Result<(), String> {
+        if self.assigned_partitions.load(Relaxed) <= 0 {
+            return Err("no Kafka partitions assigned".into());
+        }
+        let since = self.failing_since_ms.load(Relaxed);
+        if since > 0 {
+            let failing = self
+                .started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since));
+            if failing >= UNHEALTHY_AFTER {
+                return Err(format!(
+                    "publishing to Pub/Sub has failed for {}s without a success",
+                    failing.as_secs()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// All metrics in Prometheus' text format. `reloads` are the script's
+    /// (swapped in, rejected).
+    pub fn render(&self, reloads: (u64, u64)) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        counter(
+            "ztfhook_consumed_messages_total",
+            "Messages consumed from Kafka.",
+            self.consumed.load(Relaxed),
+        );
+        counter(
+            "ztfhook_consumed_bytes_total",
+            "Payload bytes consumed from Kafka.",
+            self.consumed_bytes.load(Relaxed),
+        );
+        counter(
+            "ztfhook_dropped_messages_total",
+            "Messages the hook dropped on purpose.",
+            self.dropped.load(Relaxed),
+        );
+        counter(
+            "ztfhook_dead_lettered_messages_total",
+            "Messages sent to the dead-letter topic.",
+            self.dead_lettered.load(Relaxed),
+        );
+        counter(
+            "ztfhook_failed_messages_total",
+            "Messages that failed permanently (the bridge stops).",
+            self.failed.load(Relaxed),
+        );
+        counter(
+            "ztfhook_publish_retries_total",
+            "Publish attempts retried after a transient error.",
+            self.retries.load(Relaxed),
+        );
+        counter(
+            "ztfhook_hook_errors_total",
+            "Messages the hook failed on (handled by hook.on_error).",
+            self.hook_errors.load(Relaxed),
+        );
+        counter(
+            "ztfhook_omitted_attributes_total",
+            "Kafka key or header attributes left out for breaking Pub/Sub limits.",
+            self.omitted_attributes.load(Relaxed),
+        );
+        counter(
+            "ztfhook_commits_total",
+            "Offset commits made.",
+            self.commits.load(Relaxed),
+        );
+        counter(
+            "ztfhook_script_reloads_total",
+            "Hook scripts swapped in while running.",
+            reloads.0,
+        );
+        counter(
+            "ztfhook_script_reloads_rejected_total",
+            "Hook script edits rejected (the previous script kept running).",
+            reloads.1,
+        );
+        {
+            let map = self.per_topic.lock().unwrap_or_else(|e| e.into_inner());
+            let mut topics: Vec<_> = map.iter().collect();
+            topics.sort_by(|a, b| a.0.cmp(b.0));
+            let _ = writeln!(out, "# HELP ztfhook_published_messages_total Messages Pub/Sub accepted, per destination topic.\n# TYPE ztfhook_published_messages_total counter");
+            for (t, c) in &topics {
+                let _ = writeln!(
+                    out,
+                    "ztfhook_published_messages_total{{topic=\"{t}\"}} {}",
+                    c.messages
+                );
+            }
+            let _ = writeln!(out, "# HELP ztfhook_published_bytes_total Payload bytes Pub/Sub accepted, per destination topic.\n# TYPE ztfhook_published_bytes_total counter");
+            for (t, c) in &topics {
+                let _ = writeln!(
+                    out,
+                    "ztfhook_published_bytes_total{{topic=\"{t}\"}} {}",
+                    c.bytes
+                );
+            }
+        }
+        let mut gauge = |name: &str, help: &str, v: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            "ztfhook_in_flight_messages",
+            "Messages consumed and not yet acknowledged by Pub/Sub.",
+            self.in_flight_messages.load(Relaxed) as i64,
+        );
+        gauge(
+            "ztfhook_in_flight_bytes",
+            "Payload bytes consumed and not yet acknowledged by Pub/Sub.",
+            self.in_flight_bytes.load(Relaxed) as i64,
+        );
+        gauge(
+            "ztfhook_assigned_partitions",
+            "Kafka partitions assigned to this instance.",
+            self.assigned_partitions.load(Relaxed),
+        );
+        gauge(
+            "ztfhook_healthy",
+            "1 when /healthz answers 200.",
+            i64::from(self.health().is_ok()),
+        );
+        {
+            let lags = self.partition_lag.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(out, "# HELP ztfhook_consumer_lag_messages Messages behind the end of each assigned partition (librdkafka statistics).\n# TYPE ztfhook_consumer_lag_messages gauge");
+            for ((t, p), lag) in lags.iter() {
+                let _ = writeln!(
+                    out,
+                    "ztfhook_consumer_lag_messages{{topic=\"{t}\",partition=\"{p}\"}} {lag}"
+                );
+            }
+        }
+        self.publish_latency.render(
+            &mut out,
+            "ztfhook_publish_latency_seconds",
+            "From the first publish attempt to Pub/Sub's acknowledgement.",
+        );
+        self.hook_time.render(
+            &mut out,
+            "ztfhook_hook_seconds",
+            "Time in the hook per message.",
+        );
+        out
     }
 
     fn snapshot(&self) -> [u64; 4] {

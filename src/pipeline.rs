@@ -56,6 +56,8 @@ pub enum BridgeError {
     Hook(String),
     #[error("cannot start: {0}")]
     Runtime(String),
+    #[error("cannot serve metrics: {0}")]
+    Metrics(String),
     /// A fatal error while running (a permanent publish failure, ...).
     #[error("{0}")]
     Fatal(String),
@@ -103,6 +105,11 @@ pub fn run_with_clock(
         .build()
         .map_err(|e| BridgeError::Runtime(e.to_string()))?;
     let metrics = Arc::new(Metrics::new());
+    if let Some(address) = config.metrics_listen {
+        let bound = crate::http::serve(address, Arc::clone(&metrics), Arc::clone(&hooks))
+            .map_err(BridgeError::Metrics)?;
+        tracing::info!("metrics on http://{bound}/metrics, health on http://{bound}/healthz");
+    }
     let (ack_tx, ack_rx) = unbounded::<Ack>();
 
     // Start-up checks, in the order a user fixes them: Pub/Sub topics, hook, broker.
@@ -191,6 +198,10 @@ pub fn run_with_clock(
             .swap(false, Ordering::SeqCst)
         {
             paused = false;
+            let assigned = consumer.assignment().map_or(0, |a| a.count());
+            metrics
+                .assigned_partitions
+                .store(assigned as i64, Ordering::Relaxed);
         }
         if full != paused {
             set_paused(&consumer, full);
@@ -389,7 +400,10 @@ impl Worker {
     }
 
     fn handle(&mut self, envelope: Envelope) {
-        let decision = match self.hook.decide(&MessageView::new(&envelope)) {
+        let started = Instant::now();
+        let decided = self.hook.decide(&MessageView::new(&envelope));
+        self.metrics.hook_time.observe(started.elapsed());
+        let decision = match decided {
             Ok(d) => d,
             Err(e) => return self.hook_failed(envelope, e.to_string()),
         };

@@ -117,8 +117,11 @@ async fn pubsub_gone_for_30_seconds_and_back_empty_loses_nothing_and_memory_stay
     config
         .pipeline_extra
         .push(("max_in_flight_messages".into(), bound.to_string()));
-    let mut bridge = Bridge::start(&config);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let text = format!("{}\n[metrics]\nlisten = \"{metrics}\"\n", config.render());
+    let mut bridge = Bridge::start_text_env(&text, &config.env);
     let first = inbox.pull(20, PULL).await;
+    assert_eq!(http_get(&metrics, "/healthz"), (200, "ok\n".into()));
     assert_eq!(
         tally(&first).0,
         expected(2, 10, 0),
@@ -177,6 +180,7 @@ async fn pubsub_gone_for_30_seconds_and_back_empty_loses_nothing_and_memory_stay
         bridge.log_text()
     );
     assert!(peak_rss < 400.0, "RSS {peak_rss} MB while Pub/Sub was down");
+    assert_eq!(http_get(&metrics, "/healthz"), (200, "ok\n".into()));
     wait_for_commits(&cc, &group, &topic, &[30, 30]);
     assert_eq!(bridge.stop().code(), Some(0), "log:\n{}", bridge.log_text());
 }

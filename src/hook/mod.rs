@@ -114,6 +114,11 @@ pub trait HookFactory: Send + Sync {
     /// The hook's name, for logs and errors.
     fn name(&self) -> &str;
 
+    /// Scripts swapped in and rejected since start (a reloading hook's).
+    fn reloads(&self) -> (u64, u64) {
+        (0, 0)
+    }
+
     /// Builds a fresh hook instance.
     ///
     /// # Errors

@@ -152,6 +152,10 @@ impl HookFactory for ScriptHooks {
         &self.0.name
     }
 
+    fn reloads(&self) -> (u64, u64) {
+        (self.reloads(), self.rejected())
+    }
+
     fn build(&self) -> Result<Box<dyn Hook>, HookError> {
         let generation = self.0.generation.load(Ordering::Acquire);
         let inner = self

@@ -353,10 +353,22 @@ impl PubsubSink {
         let mut delay = RETRY_INITIAL;
         let mut attempt: u64 = 0;
         let mut missing_since: Option<std::time::Instant> = None;
+        let started = std::time::Instant::now();
         loop {
             let m = message.take().unwrap_or_else(&again);
-            match publisher.publish(m).await {
-                Ok(_) => return true,
+            let result = publisher.publish(m).await;
+            if result.is_err() {
+                self.metrics.publish_failed();
+            }
+            match result {
+                Ok(_) => {
+                    self.metrics.published_to(
+                        topic.id(),
+                        job.envelope.payload.len(),
+                        started.elapsed(),
+                    );
+                    return true;
+                }
                 Err(google_cloud_pubsub::error::PublishError::Rpc(e))
                     if is_not_found(&e)
                         && missing_since

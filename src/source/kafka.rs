@@ -177,6 +177,21 @@ impl ClientContext for SourceContext {
             .map(|(_, p)| p.consumer_lag.max(0))
             .sum();
         self.metrics.lag.store(lag, Ordering::Relaxed);
+        let per_partition = statistics
+            .topics
+            .iter()
+            .flat_map(|(name, t)| {
+                t.partitions
+                    .iter()
+                    .filter(|(p, s)| **p >= 0 && s.consumer_lag >= 0)
+                    .map(move |(p, s)| ((name.clone(), *p), s.consumer_lag))
+            })
+            .collect();
+        *self
+            .metrics
+            .partition_lag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = per_partition;
     }
 
     fn error(&self, error: KafkaError, reason: &str) {

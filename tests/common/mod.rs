@@ -481,6 +481,10 @@ impl Bridge {
         Self::start_with(config, args, &[])
     }
 
+    pub fn start_text_env(config: &str, env: &[(String, String)]) -> Bridge {
+        Self::start_with(config, &[], env)
+    }
+
     fn start_with(config: &str, args: &[&str], env: &[(String, String)]) -> Bridge {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ztfhook.toml");
@@ -740,4 +744,22 @@ pub fn rss_mb(pid: u32) -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// `GET path` from `address` (host:port): the status code and body.
+pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(address) else {
+        return (0, String::new());
+    };
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
 }
