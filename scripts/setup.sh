@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(cmake build-essential pkg-config libssl-dev libsasl2-dev libsasl2-modules
-  libsasl2-modules-gssapi-mit libcurl4-openssl-dev krb5-user python3 curl)
+  libsasl2-modules-gssapi-mit libcurl4-openssl-dev krb5-user python3 python3-venv curl time)
 command -v java >/dev/null || packages+=(default-jre-headless)
 
 missing=()

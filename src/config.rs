@@ -249,6 +249,10 @@ pub struct Pipeline {
     pub shutdown_timeout: Duration,
     /// Zero turns the periodic stats line off.
     pub stats_interval: Duration,
+    /// `sink = "discard"`: everything up to publishing runs (hook,
+    /// attributes, limits), then messages are acknowledged without being
+    /// published. For dry runs, and to measure the core's own ceiling.
+    pub discard: bool,
 }
 
 /// Which Kafka facts become Pub/Sub attributes.
@@ -378,6 +382,7 @@ struct PipelineConfig {
     commit_interval_ms: Option<Spanned<i64>>,
     shutdown_timeout_ms: Option<Spanned<i64>>,
     stats_interval_ms: Option<Spanned<i64>>,
+    sink: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1017,7 +1022,22 @@ fn validate_pipeline(at: &Locator<'_>, raw: PipelineConfig) -> Result<Pipeline, 
         0..=3_600_000,
         "milliseconds between stats lines, 0 for none",
     )?;
+    let discard = match raw.sink {
+        None => false,
+        Some(s) => match s.get_ref().as_str() {
+            "pubsub" => false,
+            "discard" => true,
+            other => {
+                return at.invalid(
+                    s.span(),
+                    "pipeline.sink",
+                    format!("`{other}` is not a sink: pubsub or discard"),
+                )
+            }
+        },
+    };
     Ok(Pipeline {
+        discard,
         workers: workers as usize,
         max_in_flight_messages: max_in_flight_messages as usize,
         max_in_flight_bytes: max_in_flight_bytes as usize,

@@ -115,7 +115,11 @@ pub fn run_with_clock(
     // Start-up checks, in the order a user fixes them: Pub/Sub topics, hook, broker.
     let endpoint = Endpoint::resolve(config.pubsub.endpoint.as_deref());
     tracing::info!("publishing to {endpoint}");
-    runtime.block_on(check_topics(&endpoint, &config.pubsub_topics()))?;
+    if config.pipeline.discard {
+        tracing::warn!("pipeline.sink = \"discard\": nothing is published (a dry run)");
+    } else {
+        runtime.block_on(check_topics(&endpoint, &config.pubsub_topics()))?;
+    }
     let sink = Arc::new(runtime.block_on(PubsubSink::connect(
         &config,
         endpoint,
@@ -364,6 +368,8 @@ struct Worker {
     default_publisher: Vec<Publisher>,
     /// Topics named by the hook, resolved and with their publisher.
     topics: HashMap<String, (TopicName, Publisher)>,
+    /// Acknowledge instead of publishing (`pipeline.sink = "discard"`).
+    discard: bool,
 }
 
 impl Worker {
@@ -390,6 +396,7 @@ impl Worker {
             default_topic,
             default_publisher,
             topics: HashMap::new(),
+            discard: config.pipeline.discard,
         }
     }
 
@@ -501,6 +508,13 @@ impl Worker {
             );
             self.sink
                 .dead_letter(envelope, topics.first(), reason, false);
+            return;
+        }
+        if self.discard {
+            let bytes = envelope.payload.len();
+            let _ = self
+                .acks
+                .send(Ack::new(&envelope, Outcome::Published { bytes }));
             return;
         }
         self.sink.publish(

@@ -2,11 +2,12 @@
 //!
 //! ```text
 //! cargo run --example load_alerts -- --bootstrap 127.0.0.1:9092 --topic T \
-//!     [--partitions N] [--copies K] FILE_OR_DIR...
+//!     [--partitions N] [--copies K] [--rate R] FILE_OR_DIR...
 //! ```
 //! Creates the topic (if missing) with N partitions, then produces every file
 //! as one message, K times over, round-robin across partitions, and waits for
-//! every delivery report.
+//! every delivery report. `--rate R` paces production at R messages a second
+//! (for latency runs; the message timestamp is the time it was produced).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
 fn usage() -> ! {
-    eprintln!("usage: load_alerts --bootstrap HOST:PORT --topic T [--partitions N] [--copies K] FILE_OR_DIR...");
+    eprintln!("usage: load_alerts --bootstrap HOST:PORT --topic T [--partitions N] [--copies K] [--rate R] FILE_OR_DIR...");
     std::process::exit(2)
 }
 
@@ -26,6 +27,7 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let (mut bootstrap, mut topic, mut partitions, mut copies, mut paths) =
         (None, None, 4i32, 1usize, Vec::new());
+    let mut rate: Option<f64> = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bootstrap" => bootstrap = args.next(),
@@ -41,6 +43,13 @@ async fn main() {
                     .next()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or_else(|| usage())
+            }
+            "--rate" => {
+                rate = Some(
+                    args.next()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or_else(|| usage()),
+                )
             }
             _ if a.starts_with("--") => usage(),
             _ => paths.push(PathBuf::from(a)),
@@ -70,8 +79,17 @@ async fn main() {
         .expect("producer");
     let mut pending = Vec::new();
     let mut n = 0usize;
+    let start = std::time::Instant::now();
     for _ in 0..copies {
         for p in &payloads {
+            if let Some(rate) = rate {
+                let due = start + Duration::from_secs_f64(n as f64 / rate);
+                let now = std::time::Instant::now();
+                if due > now {
+                    producer.poll(Duration::ZERO);
+                    tokio::time::sleep(due - now).await;
+                }
+            }
             let partition = (n % partitions as usize) as i32;
             let record: FutureRecord<'_, (), [u8]> = FutureRecord::to(&topic)
                 .payload(p.as_slice())
@@ -92,7 +110,7 @@ async fn main() {
             };
             pending.push(future);
             n += 1;
-            if pending.len() >= 500 {
+            if pending.len() >= 500 || (rate.is_some() && pending.len() >= 50) {
                 for f in pending.drain(..) {
                     let _ = f
                         .await

@@ -1,0 +1,250 @@
+#!/usr/bin/env bash
+# Throughput, CPU per alert, peak memory and latency of ztfhook beside its
+# baselines, in one run on one machine:
+#   raw consume (plain rdkafka), raw publish (Google's publisher alone),
+#   ztfhook with the pass-through, a Rhai and a Lua routing hook, an
+#   alert-decoding hook, and the discard sink, and a Python bridge
+#   (confluent-kafka + google-cloud-pubsub), on the same loads:
+#   the 23 ZTF samples replicated to 20,010 alerts, and the four 110-127 KB
+#   Rubin samples replicated to 10,000; then a latency run at a steady
+#   1,000 alerts/s, and ztfhook on tansu (sqlite) as the correct-but-slow
+#   reference.
+# The broker for throughput is librdkafka's mock cluster in its own process
+# (benches/tools/mock_broker.rs); its CPU is recorded beside each figure.
+# Results: benches/results/throughput.md and .csv.
+#
+#   benches/throughput.sh            # about 10 minutes after the builds
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+N_ZTF=${N_ZTF:-870}      # copies of the 23 ZTF samples: 20,010 alerts
+N_RUBIN=${N_RUBIN:-2500} # copies of the 4 Rubin samples: 10,000 alerts
+PARTITIONS=400           # >= messages x size / 5 MB (the mock keeps 5 MB a partition)
+LAT_RATE=1000
+LAT_SECONDS=10
+TANSU_N=2000
+
+scripts/setup.sh
+command -v /usr/bin/time >/dev/null || { echo "bench: needs /usr/bin/time (package time)" >&2; exit 1; }
+echo "bench: building (release)" >&2
+cargo build --release --locked --bin ztfhook --examples >/dev/null 2>&1 ||
+  cargo build --release --locked --bin ztfhook --examples
+PYENV=${ZTFHOOK_CACHE:-$HOME/.cache/ztfhook}/pybench
+if [[ ! -x $PYENV/bin/python ]] || ! "$PYENV/bin/python" -c 'import confluent_kafka, google.cloud.pubsub' 2>/dev/null; then
+  echo "bench: installing confluent-kafka and google-cloud-pubsub into $PYENV" >&2
+  python3 -m venv "$PYENV"
+  "$PYENV/bin/pip" install -q confluent-kafka google-cloud-pubsub
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/ztfhook-bench.XXXXXX")
+MOCK_PID=""
+cleanup() {
+  [[ -n $MOCK_PID ]] && kill "$MOCK_PID" 2>/dev/null || true
+  scripts/services.sh stop "$WORK/services" || true
+}
+trap cleanup EXIT
+scripts/services.sh start "$WORK/services"
+# shellcheck disable=SC1091
+source "$WORK/services/env"
+PROJECT=ztfhook-bench
+EMU=http://$PUBSUB_EMULATOR_HOST/v1/projects/$PROJECT
+X=target/release/examples
+
+target/release/examples/mock_broker ztf-bench:$PARTITIONS rubin-bench:$PARTITIONS lat-bench:4 >"$WORK/mock.out" 2>"$WORK/mock.err" &
+MOCK_PID=$!
+for _ in $(seq 100); do grep -q bootstrap= "$WORK/mock.out" 2>/dev/null && break; sleep 0.1; done
+MOCK=$(sed -n 's/^bootstrap=//p' "$WORK/mock.out")
+echo "bench: mock broker at $MOCK" >&2
+$X/load_alerts --bootstrap "$MOCK" --topic ztf-bench --partitions $PARTITIONS --copies "$N_ZTF" tests/data/alerts/ztf >&2
+$X/load_alerts --bootstrap "$MOCK" --topic rubin-bench --partitions $PARTITIONS --copies "$N_RUBIN" \
+  tests/data/alerts/rubin/lsst_v9_0_wire_*.avro >&2
+ZTF_N=$((23 * N_ZTF))
+RUBIN_N=$((4 * N_RUBIN))
+ZTF_MB=$(du -cb tests/data/alerts/ztf/*.avro | tail -1 | awk -v c="$N_ZTF" '{printf "%.1f", $1 * c / 1e6}')
+RUBIN_MB=$(du -cb tests/data/alerts/rubin/lsst_v9_0_wire_*.avro | tail -1 | awk -v c="$N_RUBIN" '{printf "%.1f", $1 * c / 1e6}')
+
+calc() { awk "BEGIN { printf \"%.2f\", $* }"; }
+ticks=$(getconf CLK_TCK)
+cpu_of() { # seconds of user+sys CPU a process has used so far
+  awk -v t="$ticks" '{printf "%.2f", ($14 + $15) / t}' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+pubsub_topic() { # NAME [subscribe]
+  curl -sf -X PUT "$EMU/topics/$1" >/dev/null
+  if [[ ${2:-} == subscribe ]]; then
+    curl -sf -X PUT "$EMU/subscriptions/$1-sub" -H 'content-type: application/json' \
+      -d "{\"topic\": \"projects/$PROJECT/topics/$1\"}" >/dev/null
+  fi
+}
+
+# The topics the example hooks route to.
+for t in ztf-public ztf-sampled ztf-partnership ztf-caltech lsst-solar-system lsst-static; do
+  pubsub_topic "$t"
+done
+
+CSV=$WORK/results.csv
+echo "run,broker,alerts,MB,seconds,alerts_per_s,MB_per_s,cpu_s_per_1000,peak_rss_MB,broker_cpu_s,p50_ms,p99_ms" >"$CSV"
+record() { # RUN BROKER ALERTS MB SECONDS CPU RSS_KB BROKER_CPU [P50 P99]
+  awk -v r="$1" -v b="$2" -v n="$3" -v mb="$4" -v s="$5" -v cpu="$6" -v rss="$7" -v bc="$8" \
+      -v p50="${9:--}" -v p99="${10:--}" 'BEGIN {
+    printf "%s,%s,%d,%.1f,%.2f,%.0f,%.1f,%.3f,%.0f,%.2f,%s,%s\n", r, b, n, mb, s, n / s, mb / s,
+      cpu / n * 1000, rss / 1024, bc, p50, p99 }' >>"$CSV"
+  tail -1 "$CSV" >&2
+}
+
+timed() { # OUTFILE CMD...: runs CMD under /usr/bin/time; prints "wall user sys maxrss_kb"
+  local out=$1; shift
+  /usr/bin/time -f "%e %U %S %M" -o "$out.time" "$@" >"$out.out" 2>"$out.err"
+  cat "$out.time" | tail -1
+}
+
+run_raw_consume() { # TOPIC N MB
+  local b0 t
+  b0=$(cpu_of "$MOCK_PID")
+  t=$(timed "$WORK/raw-consume-$1" $X/raw_consume "$MOCK" "$1" "$2")
+  read -r wall user sys rss <<<"$t"
+  secs=$(awk '{print $3}' "$WORK/raw-consume-$1.out")
+  record "raw consume ($1)" mock "$2" "$3" "$secs" "$(calc "$user + $sys")" "$rss" \
+    "$(calc "$(cpu_of "$MOCK_PID") - $b0")"
+}
+
+run_raw_publish() { # NAME N MB FILES...
+  local name=$1 n=$2 mb=$3; shift 3
+  pubsub_topic "raw-$name"
+  t=$(timed "$WORK/raw-publish-$name" $X/raw_publish $PROJECT "raw-$name" "$n" "$@")
+  read -r wall user sys rss <<<"$t"
+  secs=$(awk '{print $3}' "$WORK/raw-publish-$name.out")
+  record "raw publish ($name)" - "$n" "$mb" "$secs" "$(calc "$user + $sys")" "$rss" 0
+}
+
+# run_ztfhook RUN BOOTSTRAP TOPIC N MB [script=FILE] [sink=discard] [subscribe]
+run_ztfhook() {
+  local run=$1 bootstrap=$2 topic=$3 n=$4 mb=$5; shift 5
+  local script="" sink=pubsub subscribe="" broker_pid=$MOCK_PID broker=mock
+  for a in "$@"; do
+    case $a in
+      script=*) script=${a#script=} ;;
+      sink=*) sink=${a#sink=} ;;
+      subscribe) subscribe=subscribe ;;
+      tansu) broker_pid=$(pgrep -f "tansu.*$ZTFHOOK_TEST_BOOTSTRAP" | head -1); broker=tansu ;;
+    esac
+  done
+  local id ps port cfg
+  id=$(echo "$run" | tr -c 'a-z0-9\n' '-' | tr -s '-')
+  ps=bench-$id
+  pubsub_topic "$ps" $subscribe
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  cfg=$WORK/$id.toml
+  cat >"$cfg" <<EOF
+[kafka]
+bootstrap.servers = "$bootstrap"
+group.id = "bench-$id-$RANDOM"
+topics = ["$topic"]
+"fetch.wait.max.ms" = 10
+
+[pubsub]
+project = "$PROJECT"
+topic = "$ps"
+
+[pipeline]
+sink = "$sink"
+stats_interval_ms = 0
+
+[alerts]
+schema_dir = "$ROOT/tests/data/schemas/lsst"
+
+[metrics]
+listen = "127.0.0.1:$port"
+EOF
+  if [[ -n $script ]]; then printf '\n[hook]\nscript = "%s"\n' "$ROOT/$script" >>"$cfg"; fi
+  local b0 start pid done_at
+  b0=$(cpu_of "$broker_pid")
+  start=$(date +%s.%N)
+  /usr/bin/time -f "%e %U %S %M" -o "$WORK/$id.time" target/release/ztfhook --config "$cfg" \
+    >"$WORK/$id.out" 2>"$WORK/$id.log" &
+  pid=$!
+  # Done when every alert is consumed and acknowledged (in flight 0).
+  while :; do
+    page=$(curl -sf "http://127.0.0.1:$port/metrics" || true)
+    consumed=$(awk '$1 == "ztfhook_consumed_messages_total" {print $2}' <<<"$page")
+    inflight=$(awk '$1 == "ztfhook_in_flight_messages" {print $2}' <<<"$page")
+    if [[ ${consumed:-0} -ge $n && ${inflight:-1} -eq 0 ]]; then break; fi
+    if ! kill -0 $pid 2>/dev/null; then echo "bench: $run: ztfhook exited" >&2; tail "$WORK/$id.log" >&2; exit 1; fi
+    sleep 0.1
+  done
+  done_at=$(date +%s.%N)
+  local bc
+  bc=$(calc "$(cpu_of "$broker_pid") - $b0")
+  kill -TERM $pid; wait $pid || true
+  read -r wall user sys rss <"$WORK/$id.time"
+  local p50="-" p99="-"
+  if [[ -n $subscribe ]]; then
+    read -r got distinct p50 p99 < <($X/pubsub_latency "projects/$PROJECT/subscriptions/$ps-sub" "$n")
+    echo "bench: $run: received $got ($distinct distinct)" >&2
+  fi
+  record "$run" "$broker" "$n" "$mb" "$(calc "$done_at - $start")" "$(calc "$user + $sys")" "$rss" "$bc" "$p50" "$p99"
+}
+
+run_python() { # RUN TOPIC N MB
+  local run=$1 topic=$2 n=$3 mb=$4 id ps
+  id=$(echo "$run" | tr -c 'a-z0-9\n' '-' | tr -s '-')
+  ps=bench-$id
+  pubsub_topic "$ps"
+  local b0 start
+  b0=$(cpu_of "$MOCK_PID")
+  start=$(date +%s.%N)
+  t=$(timed "$WORK/$id" "$PYENV/bin/python" benches/python_bridge.py "$MOCK" "$topic" "py-$id-$RANDOM" $PROJECT "$ps" "$n")
+  read -r wall user sys rss <<<"$t"
+  record "$run" mock "$n" "$mb" "$wall" "$(calc "$user + $sys")" "$rss" "$(calc "$(cpu_of "$MOCK_PID") - $b0")"
+}
+
+echo "bench: ZTF load, $ZTF_N alerts, $ZTF_MB MB" >&2
+run_raw_consume ztf-bench "$ZTF_N" "$ZTF_MB"
+run_raw_publish ztf "$ZTF_N" "$ZTF_MB" tests/data/alerts/ztf
+run_ztfhook "ztfhook discard sink" "$MOCK" ztf-bench "$ZTF_N" "$ZTF_MB" sink=discard
+run_ztfhook "ztfhook pass-through" "$MOCK" ztf-bench "$ZTF_N" "$ZTF_MB"
+run_ztfhook "ztfhook Rhai routing" "$MOCK" ztf-bench "$ZTF_N" "$ZTF_MB" script=scripts/ztf_route_sample.rhai
+run_ztfhook "ztfhook Lua routing" "$MOCK" ztf-bench "$ZTF_N" "$ZTF_MB" script=scripts/ztf_route_sample.lua
+run_ztfhook "ztfhook decoding (ztf_by_program.rhai)" "$MOCK" ztf-bench "$ZTF_N" "$ZTF_MB" script=scripts/ztf_by_program.rhai
+run_python "Python bridge (ztf)" ztf-bench "$ZTF_N" "$ZTF_MB"
+
+echo "bench: Rubin load, $RUBIN_N alerts, $RUBIN_MB MB" >&2
+run_raw_consume rubin-bench "$RUBIN_N" "$RUBIN_MB"
+run_raw_publish rubin "$RUBIN_N" "$RUBIN_MB" tests/data/alerts/rubin/lsst_v9_0_wire_169298432645136561.avro \
+  tests/data/alerts/rubin/lsst_v9_0_wire_169298432742653968.avro \
+  tests/data/alerts/rubin/lsst_v9_0_wire_169298432757858307.avro \
+  tests/data/alerts/rubin/lsst_v9_0_wire_169298432774111247.avro
+run_ztfhook "ztfhook pass-through (rubin)" "$MOCK" rubin-bench "$RUBIN_N" "$RUBIN_MB"
+run_ztfhook "ztfhook decoding (lsst_solar_system.rhai)" "$MOCK" rubin-bench "$RUBIN_N" "$RUBIN_MB" script=scripts/lsst_solar_system.rhai
+run_python "Python bridge (rubin)" rubin-bench "$RUBIN_N" "$RUBIN_MB"
+
+echo "bench: latency at $LAT_RATE alerts/s for $LAT_SECONDS s" >&2
+LAT_N=$((LAT_RATE * LAT_SECONDS))
+LAT_COPIES=$(( (LAT_N + 22) / 23 ))
+LAT_N=$((LAT_COPIES * 23))
+LAT_MB=$(du -cb tests/data/alerts/ztf/*.avro | tail -1 | awk -v c="$LAT_COPIES" '{printf "%.1f", $1 * c / 1e6}')
+$X/load_alerts --bootstrap "$MOCK" --topic lat-bench --partitions 4 --copies "$LAT_COPIES" --rate "$LAT_RATE" \
+  tests/data/alerts/ztf >"$WORK/lat-load.out" 2>&1 &
+LOADER=$!
+run_ztfhook "ztfhook pass-through at $LAT_RATE/s" "$MOCK" lat-bench "$LAT_N" "$LAT_MB" subscribe
+wait $LOADER || true
+
+echo "bench: tansu (sqlite), $TANSU_N alerts" >&2
+TANSU_COPIES=$(( (TANSU_N + 22) / 23 ))
+TANSU_N=$((TANSU_COPIES * 23))
+TANSU_MB=$(du -cb tests/data/alerts/ztf/*.avro | tail -1 | awk -v c="$TANSU_COPIES" '{printf "%.1f", $1 * c / 1e6}')
+$X/load_alerts --bootstrap "$ZTFHOOK_TEST_BOOTSTRAP" --topic tansu-bench --partitions 4 --copies "$TANSU_COPIES" \
+  tests/data/alerts/ztf >&2
+run_ztfhook "ztfhook pass-through (tansu)" "$ZTFHOOK_TEST_BOOTSTRAP" tansu-bench "$TANSU_N" "$TANSU_MB" tansu
+
+mkdir -p benches/results
+cp "$CSV" benches/results/throughput.csv
+{
+  echo "# ztfhook throughput, $(date -u +%Y-%m-%d)"
+  echo
+  echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(rustc --version). Broker: librdkafka's mock cluster in its own process ($PARTITIONS partitions), or tansu with sqlite; Pub/Sub: Google's emulator, topics without subscriptions except the latency run. CPU is user + sys of the bridge process; broker CPU is the mock's (or tansu's) during the run."
+  echo
+  echo "| run | broker | alerts | MB | s | alerts/s | MB/s | CPU s / 1000 alerts | peak RSS MB | broker CPU s | p50 ms | p99 ms |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+  tail -n +2 "$CSV" | awk -F, '{printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12}'
+} >benches/results/throughput.md
+cat benches/results/throughput.md
