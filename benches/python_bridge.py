@@ -6,10 +6,12 @@ future of a batch has resolved (at least once).
 
     python_bridge.py BOOTSTRAP TOPIC GROUP PROJECT PUBSUB_TOPIC N
 
-Exits after N messages. Uses PUBSUB_EMULATOR_HOST when set.
+Exits after N messages, printing the seconds from the first message to the
+last commit. Uses PUBSUB_EMULATOR_HOST when set.
 """
 
 import sys
+import time
 
 from confluent_kafka import Consumer
 from google.cloud import pubsub_v1
@@ -34,8 +36,11 @@ def main():
     )
     path = publisher.topic_path(project, pubsub_topic)
     done = 0
+    first = None
     while done < n:
         messages = consumer.consume(num_messages=500, timeout=1.0)
+        if messages and first is None:
+            first = time.monotonic()
         futures = []
         for m in messages:
             if m.error():
@@ -53,6 +58,7 @@ def main():
         if futures:
             consumer.commit(asynchronous=False)
         done += len(futures)
+    print(f"{time.monotonic() - first:.3f}")
     consumer.close()
 
 

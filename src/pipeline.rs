@@ -40,6 +40,9 @@ use crate::source::subscription::{Clock, Subscription, SystemClock};
 
 /// Messages waiting for a worker, per worker.
 const QUEUE_PER_WORKER: usize = 64;
+/// How long the in-flight bound may stay reached before the partitions are
+/// paused (until then the consumer only waits for acknowledgements).
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// How often the consumer looks at the UTC date, for nightly templates.
 const DATE_CHECK: Duration = Duration::from_secs(5);
 /// Room in a publish request for the topic name and the message's framing.
@@ -186,6 +189,7 @@ pub fn run_with_clock(
     let limits = config.pipeline;
     let mut topics = HashMap::new();
     let mut paused = false;
+    let mut full_since: Option<Instant> = None;
     let mut last_commit = Instant::now();
     let mut last_date_check = Instant::now();
     let mut stats = StatsLine::new(&metrics);
@@ -207,9 +211,32 @@ pub fn run_with_clock(
                 .assigned_partitions
                 .store(assigned as i64, Ordering::Relaxed);
         }
-        if full != paused {
-            set_paused(&consumer, full);
-            paused = full;
+        // Full: first just wait for acknowledgements without polling (what
+        // librdkafka has prefetched stays in its queue, bounded by
+        // queued.max.messages.kbytes). Only a stall longer than PAUSE_AFTER
+        // pauses the partitions, which purges librdkafka's prefetch, so that
+        // polling (the group protocol, rebalances) goes on through a long
+        // Pub/Sub outage.
+        if full {
+            let since = *full_since.get_or_insert_with(Instant::now);
+            if !paused && since.elapsed() >= PAUSE_AFTER {
+                set_paused(&consumer, true);
+                paused = true;
+            }
+            if !paused {
+                consumer
+                    .context()
+                    .ledger()
+                    .drain_wait(Duration::from_millis(5));
+                maintain(&consumer, &mut last_commit, &limits, &metrics, &mut stats);
+                continue;
+            }
+        } else {
+            full_since = None;
+            if paused {
+                set_paused(&consumer, false);
+                paused = false;
+            }
         }
         let wait = if paused {
             Duration::from_millis(5)
@@ -240,19 +267,6 @@ pub fn run_with_clock(
             Some(Err(e)) => tracing::warn!("kafka: {e}"),
             None => {}
         }
-        if last_commit.elapsed() >= limits.commit_interval {
-            let commits = consumer.context().ledger().tracker.take_commits();
-            if let Err(e) = kafka::commit(&consumer, &commits, CommitMode::Async) {
-                tracing::warn!("{e}");
-                let mut ledger = consumer.context().ledger();
-                for (k, _) in &commits {
-                    ledger.tracker.commit_failed(k);
-                }
-            } else if !commits.is_empty() {
-                metrics.commits.fetch_add(1, Ordering::Relaxed);
-            }
-            last_commit = Instant::now();
-        }
         if subscription.has_templates() && last_date_check.elapsed() >= DATE_CHECK {
             last_date_check = Instant::now();
             let now = subscription.patterns();
@@ -264,10 +278,7 @@ pub fn run_with_clock(
                 }
             }
         }
-        if stats.due(limits.stats_interval) {
-            consumer.context().ledger().publish_gauges();
-            stats.log(&metrics);
-        }
+        maintain(&consumer, &mut last_commit, &limits, &metrics, &mut stats);
     }
 
     // Drain: stop fetching, let the workers finish the queue, wait for Pub/Sub.
@@ -324,6 +335,34 @@ pub fn run_with_clock(
     match shutdown.fatal() {
         Some(error) => Err(BridgeError::Fatal(error.to_string())),
         None => Ok(summary),
+    }
+}
+
+/// The consumer loop's periodic chores: an asynchronous commit of the safe
+/// offsets every `commit_interval`, and the stats line.
+fn maintain(
+    consumer: &BaseConsumer<SourceContext>,
+    last_commit: &mut Instant,
+    limits: &crate::config::Pipeline,
+    metrics: &Metrics,
+    stats: &mut StatsLine,
+) {
+    if last_commit.elapsed() >= limits.commit_interval {
+        let commits = consumer.context().ledger().tracker.take_commits();
+        if let Err(e) = kafka::commit(consumer, &commits, CommitMode::Async) {
+            tracing::warn!("{e}");
+            let mut ledger = consumer.context().ledger();
+            for (k, _) in &commits {
+                ledger.tracker.commit_failed(k);
+            }
+        } else if !commits.is_empty() {
+            metrics.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        *last_commit = Instant::now();
+    }
+    if stats.due(limits.stats_interval) {
+        consumer.context().ledger().publish_gauges();
+        stats.log(metrics);
     }
 }
 

@@ -1,7 +1,8 @@
 //! The publish baseline: Google's publisher alone, publishing N messages
 //! (the alert files, cycled) with ztfhook's default batching, and waiting
-//! for every acknowledgement. At most `in_flight` messages are outstanding,
-//! as ztfhook's bound. Uses PUBSUB_EMULATOR_HOST. Prints `messages bytes seconds`.
+//! for every acknowledgement. At most 64 MB of payload is outstanding, as
+//! ztfhook's default `max_in_flight_bytes`. Uses PUBSUB_EMULATOR_HOST.
+//! Prints `messages bytes seconds`.
 //!
 //! ```text
 //! raw_publish PROJECT TOPIC N FILE_OR_DIR...
@@ -41,24 +42,32 @@ async fn main() {
         .set_byte_threshold(4_000_000u32)
         .set_delay_threshold(Duration::from_millis(10))
         .build();
-    let in_flight = 10_000;
+    let max_in_flight_bytes = 64_000_000usize;
+    let mut in_flight_bytes = 0usize;
     let mut pending = VecDeque::new();
     let start = Instant::now();
     let mut bytes = 0u64;
     for i in 0..n {
         let data = payloads[i % payloads.len()].clone();
         bytes += data.len() as u64;
+        in_flight_bytes += data.len();
         let m = Message::new().set_data(data).set_attributes([
             ("kafka.partition", "0".to_string()),
             ("kafka.offset", i.to_string()),
         ]);
-        pending.push_back(publisher.publish(m));
-        if pending.len() >= in_flight {
-            pending.pop_front().unwrap().await.expect("publish");
+        pending.push_back((len_of(&payloads, i), publisher.publish(m)));
+        while in_flight_bytes >= max_in_flight_bytes {
+            let (len, p) = pending.pop_front().unwrap();
+            p.await.expect("publish");
+            in_flight_bytes -= len;
         }
     }
-    for p in pending {
+    for (_, p) in pending {
         p.await.expect("publish");
     }
     println!("{n} {bytes} {:.3}", start.elapsed().as_secs_f64());
+}
+
+fn len_of(payloads: &[Bytes], i: usize) -> usize {
+    payloads[i % payloads.len()].len()
 }

@@ -69,8 +69,22 @@ async fn main() {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &bootstrap);
     let admin: AdminClient<DefaultClientContext> = cc.create().expect("admin client");
-    let new = NewTopic::new(&topic, partitions, TopicReplication::Fixed(1));
-    let _ = admin.create_topics([&new], &AdminOptions::new()).await;
+    // Created only if missing: librdkafka's mock cluster never answers
+    // CreateTopics for a topic it already has.
+    let exists = admin
+        .inner()
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))
+        .map(|m| {
+            m.topics()
+                .iter()
+                .any(|t| t.name() == topic && !t.partitions().is_empty())
+        })
+        .unwrap_or(false);
+    if !exists {
+        let new = NewTopic::new(&topic, partitions, TopicReplication::Fixed(1));
+        let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+        let _ = admin.create_topics([&new], &options).await;
+    }
     let producer: FutureProducer = cc
         .clone()
         .set("message.max.bytes", "12000000")
