@@ -49,9 +49,12 @@ const KAFKA_DEFAULTS: &[(&str, &str)] = &[
     ("auto.offset.reset", "earliest"),
     // Rebalances move only the partitions that change owner (no stop-the-world).
     ("partition.assignment.strategy", "cooperative-sticky"),
-    // default in librdkafka: 65536 (64 MiB) of prefetched messages; halved to
-    // keep a small VM's memory bounded alongside ztfhook's own in-flight bound.
-    ("queued.max.messages.kbytes", "32768"),
+    // default in librdkafka: 65536 (64 MiB) of prefetched messages, and
+    // fetch responses of up to 50 MiB: cut to 16 MiB each, so that with the
+    // in-flight bound (and the publisher's encoded copy of it) a backlog
+    // drains in under 200 MB.
+    ("queued.max.messages.kbytes", "16384"),
+    ("fetch.max.bytes", "16777216"),
     ("client.id", "ztfhook"),
     // default 300000: a new night's topic (or one matching a regular
     // expression) is found within 30 s of its creation, not 5 min.
@@ -997,7 +1000,7 @@ fn validate_pipeline(at: &Locator<'_>, raw: PipelineConfig) -> Result<Pipeline, 
     let max_in_flight_bytes = get(
         raw.max_in_flight_bytes,
         "pipeline.max_in_flight_bytes",
-        64_000_000,
+        48_000_000,
         1_000_000..=64_000_000_000,
         "payload bytes consumed but not yet acknowledged by Pub/Sub",
     )?;
