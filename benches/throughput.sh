@@ -68,10 +68,10 @@ ticks=$(getconf CLK_TCK)
 cpu_of() { # seconds of user+sys CPU a process has used so far
   awk -v t="$ticks" '{printf "%.2f", ($14 + $15) / t}' "/proc/$1/stat" 2>/dev/null || echo 0
 }
-pubsub_topic() { # NAME [subscribe]
-  curl -sf -X PUT "$EMU/topics/$1" >/dev/null
+pubsub_topic() { # NAME [subscribe]; an existing topic is fine
+  curl -s -o /dev/null -X PUT "$EMU/topics/$1"
   if [[ ${2:-} == subscribe ]]; then
-    curl -sf -X PUT "$EMU/subscriptions/$1-sub" -H 'content-type: application/json' \
+    curl -s -o /dev/null -X PUT "$EMU/subscriptions/$1-sub" -H 'content-type: application/json' \
       -d "{\"topic\": \"projects/$PROJECT/topics/$1\"}" >/dev/null
   fi
 }

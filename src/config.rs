@@ -55,6 +55,10 @@ const KAFKA_DEFAULTS: &[(&str, &str)] = &[
     // drains in under 200 MB.
     ("queued.max.messages.kbytes", "16384"),
     ("fetch.max.bytes", "16777216"),
+    // default 1000: once the in-flight bound has let the prefetch queue
+    // fill, librdkafka waited a full second before fetching again, stalling
+    // the stream; 20 ms keeps it flowing.
+    ("fetch.queue.backoff.ms", "20"),
     ("client.id", "ztfhook"),
     // default 300000: a new night's topic (or one matching a regular
     // expression) is found within 30 s of its creation, not 5 min.

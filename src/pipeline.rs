@@ -360,8 +360,9 @@ fn maintain(
         }
         *last_commit = Instant::now();
     }
+    // The in-flight gauges stay current for /metrics, stats line or not.
+    consumer.context().ledger().publish_gauges();
     if stats.due(limits.stats_interval) {
-        consumer.context().ledger().publish_gauges();
         stats.log(metrics);
     }
 }

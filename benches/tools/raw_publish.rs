@@ -1,6 +1,6 @@
 //! The publish baseline: Google's publisher alone, publishing N messages
 //! (the alert files, cycled) with ztfhook's default batching, and waiting
-//! for every acknowledgement. At most 64 MB of payload is outstanding, as
+//! for every acknowledgement. At most 48 MB of payload is outstanding, as
 //! ztfhook's default `max_in_flight_bytes`. Uses PUBSUB_EMULATOR_HOST.
 //! Prints `messages bytes seconds`.
 //!
@@ -42,7 +42,7 @@ async fn main() {
         .set_byte_threshold(4_000_000u32)
         .set_delay_threshold(Duration::from_millis(10))
         .build();
-    let max_in_flight_bytes = 64_000_000usize;
+    let max_in_flight_bytes = 48_000_000usize;
     let mut in_flight_bytes = 0usize;
     let mut pending = VecDeque::new();
     let start = Instant::now();
