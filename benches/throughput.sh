@@ -55,8 +55,11 @@ MOCK_PID=$!
 for _ in $(seq 100); do grep -q bootstrap= "$WORK/mock.out" 2>/dev/null && break; sleep 0.1; done
 MOCK=$(sed -n 's/^bootstrap=//p' "$WORK/mock.out")
 echo "bench: mock broker at $MOCK" >&2
-$X/load_alerts --bootstrap "$MOCK" --topic ztf_20260101_programid1 --partitions $PARTITIONS --copies "$N_ZTF" tests/data/alerts/ztf >&2
-$X/load_alerts --bootstrap "$MOCK" --topic lsst-alerts-v9 --partitions $PARTITIONS --copies "$N_RUBIN" \
+want() { [[ " ${SECTIONS:-ztf rubin latency tansu} " == *" $1 "* ]]; }
+if want ztf; then
+  $X/load_alerts --bootstrap "$MOCK" --topic ztf_20260101_programid1 --partitions $PARTITIONS --copies "$N_ZTF" tests/data/alerts/ztf >&2
+fi
+want rubin && $X/load_alerts --bootstrap "$MOCK" --topic lsst-alerts-v9 --partitions $PARTITIONS --copies "$N_RUBIN" \
   tests/data/alerts/rubin/lsst_v9_0_wire_*.avro >&2
 ZTF_N=$((23 * N_ZTF))
 RUBIN_N=$((4 * N_RUBIN))
@@ -126,13 +129,14 @@ run_raw_publish() { # NAME N MB FILES...
 # run_ztfhook RUN BOOTSTRAP TOPIC N MB [script=FILE] [sink=discard] [subscribe]
 run_ztfhook() {
   local run=$1 bootstrap=$2 topic=$3 n=$4 mb=$5; shift 5
-  local script="" sink=pubsub subscribe="" broker_pid=$MOCK_PID broker=mock
+  local script="" sink=pubsub subscribe="" broker_pid=$MOCK_PID broker=mock loader="" loader_pid=""
   for a in "$@"; do
     case $a in
       script=*) script=${a#script=} ;;
       sink=*) sink=${a#sink=} ;;
       subscribe) subscribe=subscribe ;;
       tansu) broker_pid=$(pgrep -f "tansu.*$ZTFHOOK_TEST_BOOTSTRAP" | head -1); broker=tansu ;;
+      loader=*) loader=${a#loader=} ;;
     esac
   done
   local id ps port cfg
@@ -176,6 +180,13 @@ EOF
     page=$(curl -sf "http://127.0.0.1:$port/metrics" || true)
     consumed=$(awk '$1 == "ztfhook_consumed_messages_total" {print $2}' <<<"$page")
     inflight=$(awk '$1 == "ztfhook_in_flight_messages" {print $2}' <<<"$page")
+    # A paced load starts once ztfhook owns its partitions, so the group
+    # join is not counted as latency.
+    assigned=$(awk '$1 == "ztfhook_assigned_partitions" {print $2}' <<<"$page")
+    if [[ -n $loader && -z $loader_pid && ${assigned:-0} -gt 0 ]]; then
+      $loader >"$WORK/$id.loader.out" 2>&1 &
+      loader_pid=$!
+    fi
     if [[ -z $start && ${consumed:-0} -gt 0 ]]; then start=$(date +%s.%N); fi
     if [[ ${consumed:-0} -ge $n && ${inflight:-1} -eq 0 ]]; then break; fi
     if ! kill -0 $pid 2>/dev/null; then echo "bench: $run: ztfhook exited" >&2; tail "$WORK/$id.log" >&2; exit 1; fi
@@ -184,6 +195,7 @@ EOF
   done_at=$(date +%s.%N)
   local bc
   bc=$(calc "$(cpu_of "$broker_pid") - $b0")
+  if [[ -n $loader_pid ]]; then wait "$loader_pid" || true; fi
   # SIGTERM to ztfhook itself (the child of /usr/bin/time, which would die
   # of the signal and leave it running).
   pkill -TERM -P $pid; wait $pid || true
@@ -211,6 +223,8 @@ run_python() { # RUN TOPIC N MB
 }
 
 REPS=${REPS:-3}
+SECTIONS=${SECTIONS:-ztf rubin latency tansu}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 # rep CMD...: runs a measurement REPS times and keeps the median row (by
 # alerts/s): the emulator's speed varies from run to run.
 rep() {
@@ -222,10 +236,13 @@ rep() {
   CSV=$all
 }
 
+if want ztf || want rubin; then
 echo "bench: warming the emulator up (not recorded)" >&2
 run_raw_publish warmup "$ZTF_N" "$ZTF_MB" tests/data/alerts/ztf
 : >"$WORK/warm.csv"; head -1 "$CSV" >"$WORK/warm.csv"; mv "$WORK/warm.csv" "$CSV"
 
+fi
+if want ztf; then
 echo "bench: ZTF load, $ZTF_N alerts, $ZTF_MB MB" >&2
 rep run_raw_consume ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB"
 rep run_raw_publish ztf "$ZTF_N" "$ZTF_MB" tests/data/alerts/ztf
@@ -236,6 +253,8 @@ rep run_ztfhook "ztfhook Lua routing" "$MOCK" ztf_20260101_programid1 "$ZTF_N" "
 rep run_ztfhook "ztfhook decoding (ztf_by_program.rhai)" "$MOCK" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB" script=scripts/ztf_by_program.rhai
 rep run_python "Python bridge (ztf)" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB"
 
+fi
+if want rubin; then
 echo "bench: Rubin load, $RUBIN_N alerts, $RUBIN_MB MB" >&2
 rep run_raw_consume lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB"
 rep run_raw_publish rubin "$RUBIN_N" "$RUBIN_MB" tests/data/alerts/rubin/lsst_v9_0_wire_169298432645136561.avro \
@@ -246,17 +265,18 @@ rep run_ztfhook "ztfhook pass-through (rubin)" "$MOCK" lsst-alerts-v9 "$RUBIN_N"
 rep run_ztfhook "ztfhook decoding (lsst_solar_system.rhai)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB" script=scripts/lsst_solar_system.rhai
 rep run_python "Python bridge (rubin)" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB"
 
+fi
+if want latency; then
 echo "bench: latency at $LAT_RATE alerts/s for $LAT_SECONDS s" >&2
 LAT_N=$((LAT_RATE * LAT_SECONDS))
 LAT_COPIES=$(( (LAT_N + 22) / 23 ))
 LAT_N=$((LAT_COPIES * 23))
 LAT_MB=$(du -cb tests/data/alerts/ztf/*.avro | tail -1 | awk -v c="$LAT_COPIES" '{printf "%.1f", $1 * c / 1e6}')
-$X/load_alerts --bootstrap "$MOCK" --topic ztf_20260102_programid1 --partitions $PARTITIONS --copies "$LAT_COPIES" --rate "$LAT_RATE" \
-  tests/data/alerts/ztf >"$WORK/lat-load.out" 2>&1 &
-LOADER=$!
-run_ztfhook "ztfhook pass-through at $LAT_RATE/s" "$MOCK" ztf_20260102_programid1 "$LAT_N" "$LAT_MB" subscribe
-wait $LOADER || true
+run_ztfhook "ztfhook pass-through at $LAT_RATE/s" "$MOCK" ztf_20260102_programid1 "$LAT_N" "$LAT_MB" subscribe \
+  "loader=$X/load_alerts --bootstrap $MOCK --topic ztf_20260102_programid1 --partitions $PARTITIONS --copies $LAT_COPIES --rate $LAT_RATE tests/data/alerts/ztf"
 
+fi
+if want tansu; then
 echo "bench: tansu (sqlite), $TANSU_N alerts" >&2
 TANSU_COPIES=$(( (TANSU_N + 22) / 23 ))
 TANSU_N=$((TANSU_COPIES * 23))
@@ -265,7 +285,17 @@ $X/load_alerts --bootstrap "$ZTFHOOK_TEST_BOOTSTRAP" --topic tansu-bench --parti
   tests/data/alerts/ztf >&2
 run_ztfhook "ztfhook pass-through (tansu)" "$ZTFHOOK_TEST_BOOTSTRAP" tansu-bench "$TANSU_N" "$TANSU_MB" tansu
 
+fi
 mkdir -p benches/results
+# A partial run (SECTIONS=...) replaces its own rows in the last results.
+if [[ $SECTIONS != "ztf rubin latency tansu" && -f benches/results/throughput.csv ]]; then
+  awk -F, 'NR == FNR { if (FNR > 1) { row[$1] = $0; order[++n] = $1 } next }
+    FNR == 1 { print; next }
+    { if ($1 in row) { print row[$1]; done[$1] = 1 } else print }
+    END { for (i = 1; i <= n; i++) if (!(order[i] in done)) print row[order[i]] }' \
+    "$CSV" benches/results/throughput.csv >"$WORK/merged.csv"
+  mv "$WORK/merged.csv" "$CSV"
+fi
 cp "$CSV" benches/results/throughput.csv
 {
   echo "# ztfhook throughput, $(date -u +%Y-%m-%d)"
