@@ -381,8 +381,21 @@ pub fn check_and_subscribe(
         .fetch_metadata(None, METADATA_TIMEOUT)
         .map_err(|e| {
             let mut message = e.to_string();
+            // librdkafka reports the cause (an authentication failure, say)
+            // as an event: give it a moment to arrive.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while consumer.context().last_error().is_none()
+                && Instant::now() < deadline
+            {
+                let _ = consumer.poll(Duration::from_millis(100));
+            }
             if let Some(last) = consumer.context().last_error() {
                 message = format!("{message} (last error: {last})");
+            }
+            if let Some(mechanism) = config.kafka.properties.get("sasl.mechanism") {
+                message = format!(
+                    "{message}; SASL authentication ({mechanism}) is configured: wrong credentials can show only as this failure, so check sasl.username and sasl.password (or the keytab and principal) and security.protocol"
+                );
             }
             SourceError::Unreachable {
                 servers: servers.clone(),
