@@ -410,6 +410,14 @@ impl Reader<'_> {
     /// A zig-zag varint.
     #[inline]
     fn long(&mut self) -> Result<i64, AvroError> {
+        // Most numbers (union branches, small counts) take one byte.
+        if let Some(&b) = self.buf.get(self.pos) {
+            if b & 0x80 == 0 {
+                self.pos += 1;
+                let v = u64::from(b);
+                return Ok((v >> 1) as i64 ^ -((v & 1) as i64));
+            }
+        }
         let mut value: u64 = 0;
         let mut shift = 0;
         loop {
@@ -475,16 +483,22 @@ impl Reader<'_> {
                 Value::Bool(b != 0)
             }
             Node::Int | Node::Long => Value::Int(self.long()?),
-            Node::Float => {
-                let s = self.take(4, "a float")?.of(self.buf);
-                Value::Float(f64::from(f32::from_le_bytes([s[0], s[1], s[2], s[3]])))
-            }
-            Node::Double => {
-                let s = self.take(8, "a double")?.of(self.buf);
-                let mut b = [0u8; 8];
-                b.copy_from_slice(s);
-                Value::Float(f64::from_le_bytes(b))
-            }
+            Node::Float => match self.buf.get(self.pos..self.pos + 4) {
+                Some(s) => {
+                    self.pos += 4;
+                    Value::Float(f64::from(f32::from_le_bytes([s[0], s[1], s[2], s[3]])))
+                }
+                None => return self.truncated("a float"),
+            },
+            Node::Double => match self.buf.get(self.pos..self.pos + 8) {
+                Some(s) => {
+                    self.pos += 8;
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(s);
+                    Value::Float(f64::from_le_bytes(b))
+                }
+                None => return self.truncated("a double"),
+            },
             Node::Bytes => {
                 let n = self.length("bytes")?;
                 Value::Bytes(self.take(n, "bytes")?)
@@ -505,6 +519,7 @@ impl Reader<'_> {
             Node::Union(branches) => {
                 let i = self.long()?;
                 match usize::try_from(i).ok().and_then(|i| branches.get(i)) {
+                    Some(Node::Null) => Value::Null,
                     Some(branch) => self.value(branch)?,
                     None => {
                         return err(format!(

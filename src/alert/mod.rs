@@ -205,7 +205,7 @@ impl Decoder {
         if payload.starts_with(CONTAINER_MAGIC) {
             let c = container(payload)?;
             let schema = self.container_schema(c.schema)?;
-            decoded.arena.reserve(1024);
+            decoded.arena.reserve(4096);
             avro::decode(&schema, payload, c.data, &mut decoded)?;
             let survey = match schema.name() {
                 Some(n) if n.starts_with("ztf") => Survey::Ztf,
