@@ -156,9 +156,14 @@ async fn pubsub_gone_for_30_seconds_and_back_empty_loses_nothing_and_memory_stay
     );
 
     // Back, empty: the topic is recreated (ztfhook retries a missing topic
-    // for a while before it gives up).
+    // for a while before it gives up). ztfhook is stopped (SIGSTOP) while the
+    // topic and then its subscription are created: Pub/Sub keeps nothing
+    // published to a topic before a subscription exists, so a publish in
+    // between would be accepted but invisible to this test.
+    bridge.signal("STOP");
     emulator.restart();
     let subscription = create_pubsub_topic(&emulator.host, &ps).await;
+    bridge.signal("CONT");
     let mut inbox = Inbox::open(&emulator.host, &subscription).await;
     let want = expected(2, 20, 10);
     let mut got = Vec::new();
