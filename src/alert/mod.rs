@@ -35,6 +35,15 @@ pub enum Survey {
 }
 
 impl Survey {
+    /// The survey a container's schema belongs to, by the root record's name.
+    fn of_schema(schema: &Schema) -> Survey {
+        match schema.name() {
+            Some(n) if n.starts_with("ztf") => Survey::Ztf,
+            Some(n) if n.starts_with("lsst") => Survey::Lsst,
+            _ => Survey::Unknown,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Survey::Ztf => "ztf",
@@ -87,7 +96,6 @@ impl Default for Decoder {
 struct Container<'a> {
     schema: &'a [u8],
     data: usize,
-    records: i64,
 }
 
 fn container(payload: &[u8]) -> Result<Container<'_>, AvroError> {
@@ -141,11 +149,7 @@ fn container(payload: &[u8]) -> Result<Container<'_>, AvroError> {
     if records < 1 {
         return Err(AvroError("container holds no record".into()));
     }
-    Ok(Container {
-        schema,
-        data: pos,
-        records,
-    })
+    Ok(Container { schema, data: pos })
 }
 
 impl Decoder {
@@ -179,15 +183,9 @@ impl Decoder {
     /// named `ztf.*` or `lsst.*`, or Rubin's wire format.
     pub fn survey(&self, payload: &[u8]) -> Survey {
         if payload.starts_with(CONTAINER_MAGIC) {
-            let name = container(payload)
+            return container(payload)
                 .and_then(|c| self.container_schema(c.schema))
-                .ok()
-                .and_then(|s| s.name().map(str::to_string));
-            return match name {
-                Some(n) if n.starts_with("ztf") => Survey::Ztf,
-                Some(n) if n.starts_with("lsst") => Survey::Lsst,
-                _ => Survey::Unknown,
-            };
+                .map_or(Survey::Unknown, |s| Survey::of_schema(&s));
         }
         if wire_schema_id(payload).is_some() {
             return Survey::Lsst;
@@ -207,12 +205,7 @@ impl Decoder {
             let schema = self.container_schema(c.schema)?;
             decoded.arena.reserve(4096);
             avro::decode(&schema, payload, c.data, &mut decoded)?;
-            let survey = match schema.name() {
-                Some(n) if n.starts_with("ztf") => Survey::Ztf,
-                Some(n) if n.starts_with("lsst") => Survey::Lsst,
-                _ => Survey::Unknown,
-            };
-            let _ = c.records;
+            let survey = Survey::of_schema(&schema);
             return Alert::new(payload.clone(), schema, decoded, survey, None);
         }
         if let Some(id) = wire_schema_id(payload) {
