@@ -20,6 +20,27 @@ fn tally(got: &[Received]) -> (BTreeSet<(i32, i64)>, usize) {
     (unique, duplicates)
 }
 
+/// Pulls into `got` until every coordinate in `want` has arrived (or PULL
+/// passes), then for `linger` more, to catch duplicates right behind; returns
+/// the distinct coordinates that arrived, the duplicates, and what was lost.
+async fn pull_all(
+    inbox: &mut Inbox,
+    got: &mut Vec<Received>,
+    want: &BTreeSet<(i32, i64)>,
+    linger: Option<Duration>,
+) -> (BTreeSet<(i32, i64)>, usize, Vec<(i32, i64)>) {
+    let deadline = Instant::now() + PULL;
+    while !want.is_subset(&tally(got).0) && Instant::now() < deadline {
+        got.extend(inbox.pull(1, Duration::from_secs(5)).await);
+    }
+    if let Some(linger) = linger {
+        got.extend(inbox.pull(1000, linger).await);
+    }
+    let (unique, duplicates) = tally(got);
+    let lost = want.difference(&unique).copied().collect();
+    (unique, duplicates, lost)
+}
+
 fn expected(partitions: i32, per_partition: i64, from: i64) -> BTreeSet<(i32, i64)> {
     (0..partitions)
         .flat_map(|p| (from..from + per_partition).map(move |o| (p, o)))
@@ -74,13 +95,8 @@ async fn three_sigkills_mid_stream_lose_nothing_and_duplicate_within_the_bound()
     }
     let mut bridge = Bridge::start(&config);
     let want = expected(4, 40, 0);
-    let deadline = Instant::now() + PULL;
-    while !want.is_subset(&tally(&got).0) && Instant::now() < deadline {
-        got.extend(inbox.pull(1, Duration::from_secs(5)).await);
-    }
-    got.extend(inbox.pull(1000, Duration::from_secs(3)).await);
-    let (unique, duplicates) = tally(&got);
-    let lost: Vec<_> = want.difference(&unique).collect();
+    let (unique, duplicates, lost) =
+        pull_all(&mut inbox, &mut got, &want, Some(Duration::from_secs(3))).await;
     println!(
         "sigkill x3: produced 160, published {} ({} unique), duplicates {duplicates}, lost {}",
         got.len(),
@@ -167,12 +183,7 @@ async fn pubsub_gone_for_30_seconds_and_back_empty_loses_nothing_and_memory_stay
     let mut inbox = Inbox::open(&emulator.host, &subscription).await;
     let want = expected(2, 20, 10);
     let mut got = Vec::new();
-    let deadline = Instant::now() + PULL;
-    while !want.is_subset(&tally(&got).0) && Instant::now() < deadline {
-        got.extend(inbox.pull(1, Duration::from_secs(5)).await);
-    }
-    let (unique, duplicates) = tally(&got);
-    let lost: Vec<_> = want.difference(&unique).collect();
+    let (unique, duplicates, lost) = pull_all(&mut inbox, &mut got, &want, None).await;
     println!(
         "pubsub outage 30 s: produced 40 during it, published {} ({} unique), duplicates {duplicates}, lost {}, peak RSS {peak_rss:.0} MB",
         got.len(),
@@ -215,13 +226,8 @@ async fn a_broker_restart_mid_stream_is_survived_without_a_restart_of_ztfhook() 
     broker.start_again();
     produce(&cc, &topic, &records(&payloads(20), 2)).await;
     let want = expected(2, 20, 0);
-    let deadline = Instant::now() + PULL;
-    while !want.is_subset(&tally(&got).0) && Instant::now() < deadline {
-        got.extend(inbox.pull(1, Duration::from_secs(5)).await);
-    }
-    got.extend(inbox.pull(100, Duration::from_secs(2)).await);
-    let (unique, duplicates) = tally(&got);
-    let lost: Vec<_> = want.difference(&unique).collect();
+    let (unique, duplicates, lost) =
+        pull_all(&mut inbox, &mut got, &want, Some(Duration::from_secs(2))).await;
     println!(
         "broker restart: produced 40, published {} ({} unique), duplicates {duplicates}, lost {}",
         got.len(),
@@ -284,13 +290,8 @@ async fn two_instances_split_the_partitions_and_one_takes_over_when_the_other_is
     kill(&mut b);
     produce(&cc, &topic, &records(&payloads(80), 8)).await;
     let want = expected(8, 20, 0);
-    let deadline = Instant::now() + PULL;
-    while !want.is_subset(&tally(&got).0) && Instant::now() < deadline {
-        got.extend(inbox.pull(1, Duration::from_secs(5)).await);
-    }
-    got.extend(inbox.pull(100, Duration::from_secs(2)).await);
-    let (unique, duplicates) = tally(&got);
-    let lost: Vec<_> = want.difference(&unique).collect();
+    let (unique, duplicates, lost) =
+        pull_all(&mut inbox, &mut got, &want, Some(Duration::from_secs(2))).await;
     println!(
         "two instances, one killed: produced 160, a published {by_a} and b {by_b} of the first 80, total published {} ({} unique), duplicates {duplicates}, lost {}",
         got.len(),
