@@ -257,6 +257,87 @@ fn a_bad_return_value_is_an_error_naming_it() {
     assert!(e.contains("unknown key `colour`"), "{e}");
 }
 
+#[test]
+fn a_failing_call_names_its_cause_and_the_next_call_runs_normally() {
+    // Three ways a call fails: the script raises, a field read fails (the
+    // payload is not an alert), the instruction limit. Each must come back
+    // as that error, and leave the hook as it was: a thousand rounds would
+    // overflow a stack that each failure left a value on.
+    for (language, source) in [
+        (
+            Language::Rhai,
+            "fn route(msg) {
+                if msg.offset % 4 == 1 { throw \"bad offset\" }
+                if msg.offset % 4 == 2 { let a = msg.alert; }
+                if msg.offset % 4 == 3 { loop { } }
+                \"t-\" + msg.offset
+            }",
+        ),
+        (
+            Language::Lua,
+            "function route(msg)
+                if msg.offset % 4 == 1 then error(\"bad offset\") end
+                if msg.offset % 4 == 2 then local a = msg.alert end
+                if msg.offset % 4 == 3 then while true do end end
+                return \"t-\" .. msg.offset
+            end",
+        ),
+    ] {
+        let mut hook = source_hook(language, source).unwrap();
+        for offset in 0..1000 {
+            let e = envelope("t", offset, vec![1, 2, 3]);
+            let decided = hook.decide(&MessageView::new(&e));
+            match (offset % 4, decided) {
+                (0, Ok(d)) => assert_eq!(d.topics, [format!("t-{offset}")], "{language:?}"),
+                (1, Err(e)) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("bad offset") && e.contains(":2:"),
+                        "{language:?}: {e}"
+                    );
+                }
+                (2, Err(e)) => assert!(e.message.contains("not an alert"), "{language:?}: {e}"),
+                (3, Err(e)) => assert!(e.message.contains("limit"), "{language:?}: {e}"),
+                (_, other) => panic!("{language:?}, offset {offset}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn msg_is_read_only_and_nothing_a_script_does_to_it_reaches_the_next_message() {
+    for (language, source) in [
+        (
+            Language::Rhai,
+            "fn route(msg) { if msg.offset > 0 { msg.note = 1; } }",
+        ),
+        (
+            Language::Lua,
+            "function route(msg) if msg.offset > 0 then msg.note = 1 end end",
+        ),
+    ] {
+        let mut hook = source_hook(language, source).unwrap();
+        let e = hook
+            .decide(&MessageView::new(&envelope("t", 1, vec![1])))
+            .unwrap_err();
+        assert!(e.message.contains("note"), "{language:?}: {e}");
+    }
+    // Lua lets a call overwrite a field it was given; the next call still
+    // sees its own message.
+    let mut hook = source_hook(
+        Language::Lua,
+        "function route(msg) local seen = msg.topic .. \"/\" .. msg.offset
+            msg.topic = \"changed\"; msg.offset = -1; return seen end",
+    )
+    .unwrap();
+    for (topic, offset) in [("a", 1), ("b", 2)] {
+        let d = hook
+            .decide(&MessageView::new(&envelope(topic, offset, vec![1])))
+            .unwrap();
+        assert_eq!(d.topics, [format!("{topic}/{offset}")]);
+    }
+}
+
 /// Replaces a file the way vim and `sed -i` do: write a new file, rename it over.
 fn save_by_rename(path: &Path, text: &str) {
     let tmp = path.with_extension("swp");

@@ -28,6 +28,10 @@ impl<'a> MessageView<'a> {
     pub fn new(envelope: &'a Envelope) -> Self {
         MessageView { envelope }
     }
+    /// The whole message.
+    pub fn envelope(&self) -> &'a Envelope {
+        self.envelope
+    }
     pub fn topic(&self) -> &'a str {
         &self.envelope.topic
     }

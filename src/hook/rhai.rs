@@ -187,6 +187,7 @@ impl Compiled for RhaiScript {
             engine: engine(&name, self.env.limits),
             ast: Arc::clone(&self.ast),
             decoder: Arc::clone(&self.env.decoder),
+            max_operations: self.env.limits.max_operations,
             name,
         }))
     }
@@ -197,10 +198,30 @@ struct RhaiHook {
     engine: Engine,
     ast: Arc<AST>,
     decoder: Arc<Decoder>,
+    max_operations: u64,
     name: String,
 }
 
 impl RhaiHook {
+    /// A failed call as an error naming the script's line and column, when
+    /// Rhai knows them.
+    fn call_error(&self, e: &EvalAltResult) -> HookError {
+        let pos = e.position();
+        let hook = match (pos.line(), pos.position()) {
+            (Some(line), Some(column)) => format!("{}:{line}:{column}", self.name),
+            (Some(line), None) => format!("{}:{line}", self.name),
+            _ => self.name.clone(),
+        };
+        let message = match e {
+            EvalAltResult::ErrorTooManyOperations(..) => format!(
+                "over the limit of {} operations per call",
+                self.max_operations
+            ),
+            other => other.to_string(),
+        };
+        HookError { hook, message }
+    }
+
     fn error(&self, message: String) -> HookError {
         HookError {
             hook: self.name.clone(),
@@ -304,18 +325,7 @@ impl Hook for RhaiHook {
         let value = self
             .engine
             .call_fn::<Dynamic>(&mut Scope::new(), &self.ast, "route", (msg,))
-            .map_err(|e| {
-                let pos = e.position();
-                HookError {
-                    hook: format!(
-                        "{}:{}:{}",
-                        self.name,
-                        pos.line().unwrap_or(0),
-                        pos.position().unwrap_or(0)
-                    ),
-                    message: e.to_string(),
-                }
-            })?;
+            .map_err(|e| self.call_error(&e))?;
         Ok(self.convert(value)?.into_decision())
     }
 }

@@ -248,6 +248,11 @@ pub const DECISION_KEYS: &[&str] = &["keep", "topic", "topics", "attributes", "o
 /// `fraction`; so a replay, another instance or another language makes the
 /// same choice.
 pub fn sample(value: &str, fraction: f64) -> bool {
+    sample_bytes(value.as_bytes(), fraction)
+}
+
+/// [`sample`] of a value's text given as bytes.
+pub fn sample_bytes(value: &[u8], fraction: f64) -> bool {
     if fraction >= 1.0 {
         return true;
     }
@@ -255,7 +260,7 @@ pub fn sample(value: &str, fraction: f64) -> bool {
         return false;
     }
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in value.as_bytes() {
+    for b in value {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }

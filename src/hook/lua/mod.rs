@@ -1,0 +1,430 @@
+//! Lua hooks (vendored Lua 5.4).
+//!
+//! Invariants: each worker owns a Lua state built from the shared source;
+//! the state has only the `table`, `string`, `math` and `utf8` libraries (no
+//! `io`, `os`, `package`/`require`, `debug`), `load` accepts text only (no
+//! bytecode), `dofile`/`loadfile` are gone; an instruction-count hook stops a
+//! call after `max_operations` VM instructions, and the state's memory is
+//! capped; `print` goes to the program's log.
+
+mod stack;
+
+use std::cell::{Cell, RefCell};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use mlua::{
+    Function, HookTriggers, IntoLua, Lua, LuaOptions, MetaMethod, RegistryKey, StdLib, Table,
+    UserData, UserDataMethods, Value, VmState,
+};
+
+use crate::alert::avro::Value as AvroValue;
+use crate::alert::Decoder;
+use crate::envelope::Envelope;
+use crate::hook::script::{AlertRecord, Compiled, Environment, Limits, Returned, ScriptMessage};
+use crate::hook::{Decision, Hook, HookError, MessageView};
+
+/// How many instructions run between two checks of the budget.
+const INSTRUCTIONS_PER_CHECK: u32 = 1_000;
+
+/// A Lua script, checked to compile.
+pub struct LuaScript {
+    path: PathBuf,
+    source: String,
+    env: Environment,
+}
+
+/// One value of a decoded alert as a Lua value: records stay handles into
+/// the alert; strings, bytes, arrays and maps are converted when read.
+fn alert_value(lua: &Lua, record: &AlertRecord, value: AvroValue) -> mlua::Result<Value> {
+    let alert = &record.alert;
+    Ok(match value {
+        AvroValue::Null => Value::Nil,
+        AvroValue::Bool(b) => Value::Boolean(b),
+        AvroValue::Int(i) => Value::Integer(i),
+        AvroValue::Float(f) => Value::Number(f),
+        AvroValue::Str(s) => Value::String(
+            lua.create_string(alert.text(s).map_err(|e| mlua::Error::RuntimeError(e.0))?)?,
+        ),
+        AvroValue::Bytes(s) => Value::String(lua.create_string(alert.bytes(s))?),
+        AvroValue::Enum(e, i) => Value::String(lua.create_string(alert.symbol(e, i))?),
+        AvroValue::Record(..) => Value::UserData(lua.create_userdata(record.child(value))?),
+        AvroValue::Array(..) => {
+            let items = alert.items(value);
+            let t = lua.create_table_with_capacity(items.len(), 0)?;
+            for (i, item) in items.iter().enumerate() {
+                t.raw_set(i + 1, alert_value(lua, record, *item)?)?;
+            }
+            Value::Table(t)
+        }
+        AvroValue::Map(..) => {
+            let t = lua.create_table()?;
+            for (k, v) in alert.entries(value) {
+                let AvroValue::Str(k) = k else { continue };
+                t.raw_set(
+                    lua.create_string(alert.bytes(k))?,
+                    alert_value(lua, record, v)?,
+                )?;
+            }
+            Value::Table(t)
+        }
+    })
+}
+
+impl UserData for AlertRecord {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_meta_method(MetaMethod::Index, |lua, r, name: mlua::String| {
+            let name = name.to_str()?;
+            let v = r.get(&name).map_err(mlua::Error::RuntimeError)?;
+            alert_value(lua, r, v)
+        });
+        methods.add_meta_method(MetaMethod::ToString, |_, r, ()| {
+            Ok(r.alert.to_json(r.value).to_string())
+        });
+    }
+}
+
+/// The message a worker is deciding, as the message table's metatable sees
+/// it.
+struct Current {
+    /// The envelope of the call in progress; null between calls.
+    envelope: Cell<*const Envelope>,
+    /// Built from it on the first read of a field that needs it.
+    message: RefCell<Option<ScriptMessage>>,
+    decoder: Arc<Decoder>,
+}
+
+impl Current {
+    /// Runs `f` on the message of the call in progress.
+    fn with<R>(&self, f: impl FnOnce(&ScriptMessage) -> mlua::Result<R>) -> mlua::Result<R> {
+        let envelope = self.envelope.get();
+        if envelope.is_null() {
+            return Err(mlua::Error::RuntimeError(
+                "msg is only valid during the route() call that received it".into(),
+            ));
+        }
+        if self.message.borrow().is_none() {
+            // SAFETY: not null, so a `decide` call is in progress, and its
+            // envelope outlives it (`decide` clears the pointer before it
+            // returns).
+            let view = MessageView::new(unsafe { &*envelope });
+            *self.message.borrow_mut() = Some(ScriptMessage::new(&view, &self.decoder));
+        }
+        match &*self.message.borrow() {
+            Some(m) => f(m),
+            None => Err(mlua::Error::RuntimeError("no message".into())),
+        }
+    }
+}
+
+/// The worker's message table: the cheap fields (topic, partition, offset,
+/// timestamp, size) are overwritten for each call; its metatable's `__index`
+/// serves the fields that cost something to build (alert, survey, schema,
+/// key, headers, payload) from the message being decided, only when a
+/// script reads them; `__newindex` refuses new keys, so nothing a script
+/// sets leaks into the next message.
+fn message_table(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
+    let payload_message = Rc::clone(current);
+    let payload = lua.create_function(move |lua, _: Value| {
+        payload_message.with(|m| lua.create_string(&m.payload))
+    })?;
+    let current = Rc::clone(current);
+    let index = lua.create_function(move |lua, (_, key): (Value, Value)| {
+        let Value::String(key) = key else {
+            return Ok(Value::Nil);
+        };
+        let key = key.as_bytes();
+        if !matches!(
+            &*key,
+            b"key"
+                | b"survey"
+                | b"schema_id"
+                | b"schema_version"
+                | b"alert"
+                | b"headers"
+                | b"payload"
+        ) {
+            return Ok(Value::Nil);
+        }
+        current.with(|m| {
+            Ok(match &*key {
+                b"key" => m.key_text().into_lua(lua)?,
+                b"survey" => m.survey().as_str().into_lua(lua)?,
+                b"schema_id" => m.schema_id().into_lua(lua)?,
+                b"schema_version" => m
+                    .schema_version()
+                    .map_err(mlua::Error::RuntimeError)?
+                    .into_lua(lua)?,
+                b"alert" => m
+                    .alert()
+                    .map_err(mlua::Error::RuntimeError)?
+                    .into_lua(lua)?,
+                b"headers" => {
+                    let t = lua.create_table()?;
+                    for h in m.headers.iter() {
+                        match &h.value {
+                            Some(v) => t.raw_set(h.name.as_str(), lua.create_string(v)?)?,
+                            None => t.raw_set(h.name.as_str(), false)?,
+                        }
+                    }
+                    Value::Table(t)
+                }
+                _ => Value::Function(payload.clone()),
+            })
+        })
+    })?;
+    let meta = lua.create_table()?;
+    meta.raw_set("__index", index)?;
+    meta.raw_set(
+        "__newindex",
+        lua.create_function(|_, (_, key): (Value, Value)| -> mlua::Result<()> {
+            Err(mlua::Error::RuntimeError(format!(
+                "msg is read-only (cannot set `{}`): use a local variable",
+                key.to_string().unwrap_or_default()
+            )))
+        })?,
+    )?;
+    meta.raw_set("__metatable", false)?;
+    let msg = lua.create_table_with_capacity(0, 8)?;
+    for field in ["topic", "partition", "offset", "timestamp", "size"] {
+        // Present from the start, so that setting them never allocates or
+        // reaches `__newindex`.
+        msg.raw_set(field, false)?;
+    }
+    msg.set_metatable(Some(meta))?;
+    Ok(msg)
+}
+
+/// Builds a sandboxed state and loads the script into it; returns `route`.
+fn state(
+    name: &str,
+    source: &str,
+    limits: Limits,
+) -> Result<(Lua, Function, Rc<Cell<u64>>), HookError> {
+    let err = |message: String| HookError {
+        hook: name.to_string(),
+        message,
+    };
+    let lua = Lua::new_with(
+        StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8,
+        LuaOptions::default(),
+    )
+    .map_err(|e| err(format!("cannot create a Lua state: {e}")))?;
+    lua.set_memory_limit(limits.max_memory_bytes)
+        .map_err(|e| err(format!("cannot limit memory: {e}")))?;
+    let setup = || -> mlua::Result<()> {
+        let g = lua.globals();
+        for banned in ["dofile", "loadfile", "require", "collectgarbage"] {
+            g.set(banned, Value::Nil)?;
+        }
+        // `load` of text only: never bytecode.
+        let load: Function = g.get("load")?;
+        let text_only = lua.create_function(
+            move |_, (chunk, chunkname, _mode, env): (Value, Value, Value, Value)| {
+                load.call::<mlua::MultiValue>((chunk, chunkname, "t", env))
+            },
+        )?;
+        g.set("load", text_only)?;
+        let log_name = name.to_string();
+        g.set(
+            "print",
+            lua.create_function(move |_, args: mlua::Variadic<Value>| {
+                let text: Vec<String> = args
+                    .iter()
+                    .map(|v| v.to_string().unwrap_or_else(|_| "?".into()))
+                    .collect();
+                tracing::info!(target: "ztfhook::script", "{log_name}: {}", text.join("\t"));
+                Ok(())
+            })?,
+        )?;
+        g.set(
+            "has",
+            lua.create_function(
+                |_, (record, name): (mlua::UserDataRef<AlertRecord>, String)| Ok(record.has(&name)),
+            )?,
+        )?;
+        // SAFETY: `sample_function` follows the C-function protocol (see `stack`).
+        g.set("sample", unsafe {
+            lua.create_c_function(stack::sample_function)?
+        })?;
+        Ok(())
+    };
+    setup().map_err(|e| err(format!("cannot set up the sandbox: {e}")))?;
+    lua.load(source)
+        .set_name(format!("@{name}"))
+        .set_mode(mlua::ChunkMode::Text)
+        .exec()
+        .map_err(|e| err(lua_error(&e)))?;
+    let route: Function = lua
+        .globals()
+        .get::<Option<Function>>("route")
+        .ok()
+        .flatten()
+        .ok_or_else(|| err("the script must define `function route(msg)`".into()))?;
+    let budget = Rc::new(Cell::new(0u64));
+    let left = Rc::clone(&budget);
+    // mlua needs the callback to be Send with the `send` feature off? It is
+    // not enabled, so an Rc is fine: the state never leaves its worker.
+    lua.set_hook(
+        HookTriggers::new().every_nth_instruction(INSTRUCTIONS_PER_CHECK),
+        move |_, _| {
+            let n = left.get();
+            if n < u64::from(INSTRUCTIONS_PER_CHECK) {
+                return Err(mlua::Error::RuntimeError(format!(
+                    "over the limit of {} instructions per call",
+                    limits.max_operations
+                )));
+            }
+            left.set(n - u64::from(INSTRUCTIONS_PER_CHECK));
+            Ok(VmState::Continue)
+        },
+    )
+    .map_err(|e| err(format!("cannot set the instruction limit: {e}")))?;
+    Ok((lua, route, budget))
+}
+
+/// A Lua error as one line: `file:line: message`.
+fn lua_error(e: &mlua::Error) -> String {
+    match e {
+        mlua::Error::SyntaxError { message, .. } => format!("syntax error: {message}"),
+        mlua::Error::CallbackError { cause, .. } => lua_error(cause),
+        other => other
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
+
+impl LuaScript {
+    /// Compiles `source` (in a throw-away state) to report syntax errors.
+    ///
+    /// # Errors
+    /// [`HookError`] with the file and line of a syntax error.
+    pub fn compile(path: PathBuf, source: &str, env: Environment) -> Result<LuaScript, HookError> {
+        state(&path.display().to_string(), source, env.limits)?;
+        Ok(LuaScript {
+            path,
+            source: source.to_string(),
+            env,
+        })
+    }
+}
+
+impl Compiled for LuaScript {
+    fn instantiate(&self) -> Result<Box<dyn Hook>, HookError> {
+        let name = self.path.display().to_string();
+        let (lua, route, budget) = state(&name, &self.source, self.env.limits)?;
+        let current = Rc::new(Current {
+            envelope: Cell::new(std::ptr::null()),
+            message: RefCell::new(None),
+            decoder: Arc::clone(&self.env.decoder),
+        });
+        let setup = || -> mlua::Result<_> {
+            let msg = message_table(&lua, &current)?;
+            let route = lua.create_registry_value(route)?;
+            let msg = lua.create_registry_value(msg)?;
+            let error = lua.create_registry_value(false)?;
+            let mut main = std::ptr::null_mut();
+            // SAFETY: only reads the state pointer, the main thread's (no
+            // coroutine is running during set-up).
+            unsafe { lua.exec_raw::<()>((), |state| main = state)? };
+            Ok((route, msg, error, main))
+        };
+        let (route, msg, error, main) = setup().map_err(|e| HookError {
+            hook: name.clone(),
+            message: lua_error(&e),
+        })?;
+        Ok(Box::new(LuaHook {
+            lua: SendLua(lua),
+            main,
+            current,
+            route,
+            msg,
+            error,
+            budget,
+            max_operations: self.env.limits.max_operations,
+            name,
+        }))
+    }
+}
+
+/// A Lua state confined to the worker thread that owns it.
+struct SendLua(Lua);
+
+// SAFETY: a `LuaHook` is built and used by one worker thread, moved there
+// once before first use; the state, its functions and the `Rc`s are never
+// touched by two threads.
+unsafe impl Send for SendLua {}
+
+/// One worker's Lua hook.
+struct LuaHook {
+    lua: SendLua,
+    /// The state's main thread, for [`stack::call_route`].
+    main: *mut mlua::ffi::lua_State,
+    /// The message being decided, for the fields its metatable serves.
+    current: Rc<Current>,
+    /// Registry slots: the script's `route`, the message table, and where a
+    /// call's error value is put.
+    route: RegistryKey,
+    msg: RegistryKey,
+    error: RegistryKey,
+    budget: Rc<Cell<u64>>,
+    max_operations: u64,
+    name: String,
+}
+
+// SAFETY: see `SendLua`: all fields belong to the one state, used by one thread.
+unsafe impl Send for LuaHook {}
+
+impl Hook for LuaHook {
+    fn decide(&mut self, message: &MessageView<'_>) -> Result<Decision, HookError> {
+        self.budget.set(self.max_operations);
+        let mut call = stack::Call {
+            route: self.route.id(),
+            msg: self.msg.id(),
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp_ms: message.timestamp_ms(),
+            size: message.payload().len(),
+            returned: Returned::default(),
+            invalid: None,
+        };
+        self.current.envelope.set(message.envelope());
+        // SAFETY: `main` is this hook's state's main thread, used by this
+        // thread only; the ids are this hook's registry keys.
+        let ok = unsafe { stack::call_route(self.main, &mut call, self.error.id()) };
+        self.current.envelope.set(std::ptr::null());
+        self.current.message.borrow_mut().take();
+        if !ok {
+            let raised = self.lua.0.registry_value::<Value>(&self.error);
+            return Err(self.error(match raised {
+                Ok(Value::Error(e)) => lua_error(&e),
+                Ok(Value::String(s)) => s
+                    .to_string_lossy()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+                Ok(other) => format!("route() raised a {}", other.type_name()),
+                Err(e) => lua_error(&e),
+            }));
+        }
+        match call.invalid {
+            None => Ok(call.returned.into_decision()),
+            Some(why) => Err(self.error(why)),
+        }
+    }
+}
+
+impl LuaHook {
+    fn error(&self, message: String) -> HookError {
+        HookError {
+            hook: self.name.clone(),
+            message,
+        }
+    }
+}
