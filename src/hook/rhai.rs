@@ -234,7 +234,7 @@ impl RhaiHook {
         if value.is_unit() {
             return Ok(r);
         }
-        if let Some(keep) = value.clone().try_cast::<bool>() {
+        if let Ok(keep) = value.as_bool() {
             r.keep = Some(keep);
             return Ok(r);
         }
@@ -246,12 +246,14 @@ impl RhaiHook {
             r.topics = self.strings(value.cast::<Array>(), "route() returned an array")?;
             return Ok(r);
         }
-        let Some(map) = value.clone().try_cast::<Map>() else {
+        if !value.is_map() {
             return Err(self.error(format!(
                 "route() returned a {}; expected nothing, a bool, a topic, an array of topics or a map",
                 value.type_name()
             )));
-        };
+        }
+        // A cast, not a clone: a Rhai map clones deeply.
+        let map = value.cast::<Map>();
         for (k, v) in map {
             match k.as_str() {
                 "keep" => {
