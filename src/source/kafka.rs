@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::Receiver;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -141,6 +142,8 @@ pub struct SourceContext {
     pub closing: AtomicBool,
     /// The last error librdkafka reported, to explain a failed start-up check.
     last_error: Mutex<Option<String>>,
+    /// The last failed Kerberos login (librdkafka's `kinit` run), likewise.
+    kerberos_error: Mutex<Option<String>>,
 }
 
 impl SourceContext {
@@ -151,6 +154,7 @@ impl SourceContext {
             assignment_changed: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            kerberos_error: Mutex::new(None),
         }
     }
 
@@ -161,6 +165,13 @@ impl SourceContext {
 
     fn last_error(&self) -> Option<String> {
         self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn kerberos_error(&self) -> Option<String> {
+        self.kerberos_error
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -192,6 +203,31 @@ impl ClientContext for SourceContext {
             .partition_lag
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = per_partition;
+    }
+
+    /// librdkafka's log lines, to the program's log; a failed Kerberos
+    /// login is also kept, to name it if the start-up check then fails.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, line: &str) {
+        use RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                if fac == "SASLREFRESH" {
+                    // Without librdkafka's thread tag: `[thrd:main]: ...`.
+                    let text = match line.split_once("]: ") {
+                        Some((tag, rest)) if tag.starts_with("[thrd:") => rest,
+                        _ => line,
+                    };
+                    *self
+                        .kerberos_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(text.to_string());
+                }
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {line}");
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {line}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", "librdkafka: {fac} {line}"),
+            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {line}"),
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -331,6 +367,7 @@ pub fn create(
     config: &Config,
     context: SourceContext,
 ) -> Result<BaseConsumer<SourceContext>, SourceError> {
+    check_kerberos(config)?;
     let mut cc = ClientConfig::new();
     for (k, v) in &config.kafka.properties {
         cc.set(k, v);
@@ -348,6 +385,43 @@ pub fn create(
     }
     cc.create_with_context(context)
         .map_err(|e| SourceError::Create(redact(config, &e.to_string())))
+}
+
+/// With GSSAPI, what librdkafka's login needs before it runs: a readable
+/// keytab, and `kinit` on the PATH (unless `sasl.kerberos.kinit.cmd` is
+/// replaced). librdkafka would only log a failed `kinit` and go on.
+fn check_kerberos(config: &Config) -> Result<(), SourceError> {
+    let props = &config.kafka.properties;
+    if !props
+        .get("sasl.mechanism")
+        .is_some_and(|m| m.eq_ignore_ascii_case("GSSAPI"))
+    {
+        return Ok(());
+    }
+    if let Some(keytab) = props.get("sasl.kerberos.keytab") {
+        if let Err(e) = std::fs::File::open(keytab) {
+            return Err(SourceError::Create(format!(
+                "sasl.kerberos.keytab `{keytab}` cannot be read: {e}"
+            )));
+        }
+    }
+    if !props.contains_key("sasl.kerberos.kinit.cmd") && !on_path("kinit") {
+        return Err(SourceError::Create(
+            "sasl.mechanism GSSAPI logs in with `kinit`, which is not on the PATH (Debian: apt-get install krb5-user)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `program` is an executable file in a directory of `PATH`.
+fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
 }
 
 /// Removes secret values from a librdkafka message.
@@ -392,10 +466,21 @@ pub fn check_and_subscribe(
             if let Some(last) = consumer.context().last_error() {
                 message = format!("{message} (last error: {last})");
             }
-            if let Some(mechanism) = config.kafka.properties.get("sasl.mechanism") {
-                message = format!(
-                    "{message}; SASL authentication ({mechanism}) is configured: wrong credentials can show only as this failure, so check sasl.username and sasl.password (or the keytab and principal) and security.protocol"
-                );
+            if let Some(kinit) = consumer.context().kerberos_error() {
+                message = format!("{message}; the Kerberos login failed: {kinit}");
+            }
+            match config.kafka.properties.get("sasl.mechanism") {
+                Some(m) if m.eq_ignore_ascii_case("GSSAPI") => {
+                    message = format!(
+                        "{message}; SASL authentication (GSSAPI) is configured: a failed login can show only as this failure, so check that `kinit -k -t KEYTAB PRINCIPAL` works with sasl.kerberos.keytab and sasl.kerberos.principal, that krb5.conf (or KRB5_CONFIG) names the realm and its KDC, and sasl.kerberos.service.name and security.protocol"
+                    );
+                }
+                Some(m) => {
+                    message = format!(
+                        "{message}; SASL authentication ({m}) is configured: wrong credentials can show only as this failure, so check sasl.username and sasl.password and security.protocol"
+                    );
+                }
+                None => {}
             }
             SourceError::Unreachable {
                 servers: servers.clone(),

@@ -1,0 +1,258 @@
+//! Kerberos, as ZTF's brokers require it (SASL GSSAPI, a keytab): a real MIT
+//! KDC on loopback, a realm made for the test, and ztfhook logging in from
+//! the keytab through librdkafka's `kinit`. No broker here speaks GSSAPI, so
+//! after the login the bridge cannot authenticate to the broker: it must say
+//! so and stop, and a login the KDC refuses must stop it at start-up.
+
+mod common;
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, services, unique, Bridge, BridgeConfig};
+
+const REALM: &str = "ZTFHOOK.TEST";
+
+/// A KDC of the test's own realm, with a client principal and its keytab.
+struct Kdc {
+    dir: tempfile::TempDir,
+    child: Child,
+    krb5_conf: PathBuf,
+    keytab: PathBuf,
+    principal: String,
+}
+
+impl Kdc {
+    fn start() -> Kdc {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let port = free_port();
+        let kdc_conf = d.join("kdc.conf");
+        std::fs::write(
+            &kdc_conf,
+            format!(
+                "[kdcdefaults]\n kdc_ports = {port}\n kdc_tcp_ports = {port}\n\
+                 [realms]\n {REALM} = {{\n  database_name = {db}\n  key_stash_file = {stash}\n  acl_file = {acl}\n  max_life = 1h\n }}\n\
+                 [logging]\n kdc = FILE:{log}\n",
+                db = d.join("principal").display(),
+                stash = d.join("stash").display(),
+                acl = d.join("kadm5.acl").display(),
+                log = d.join("kdc.log").display(),
+            ),
+        )
+        .unwrap();
+        std::fs::write(d.join("kadm5.acl"), "").unwrap();
+        let krb5_conf = d.join("krb5.conf");
+        std::fs::write(
+            &krb5_conf,
+            format!(
+                "[libdefaults]\n default_realm = {REALM}\n dns_lookup_kdc = false\n dns_lookup_realm = false\n rdns = false\n\
+                 [realms]\n {REALM} = {{\n  kdc = 127.0.0.1:{port}\n }}\n"
+            ),
+        )
+        .unwrap();
+        let env = [
+            ("KRB5_CONFIG", krb5_conf.as_os_str()),
+            ("KRB5_KDC_PROFILE", kdc_conf.as_os_str()),
+        ];
+        let run = |program: &str, args: &[&str]| {
+            let out = Command::new(program)
+                .args(args)
+                .envs(env)
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("{program}: {e} (install krb5-kdc and krb5-admin-server)")
+                });
+            assert!(
+                out.status.success(),
+                "{program} {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(
+            "kdb5_util",
+            &[
+                "-r",
+                REALM,
+                "-P",
+                "master-password-for-tests",
+                "create",
+                "-s",
+            ],
+        );
+        let principal = format!("ztfhook@{REALM}");
+        let keytab = d.join("ztfhook.keytab");
+        for query in [
+            format!("addprinc -randkey {principal}"),
+            format!("addprinc -randkey kafka/127.0.0.1@{REALM}"),
+            format!("ktadd -k {} {principal}", keytab.display()),
+        ] {
+            run("kadmin.local", &["-r", REALM, "-q", &query]);
+        }
+        let child = Command::new("krb5kdc")
+            .args(["-n", "-r", REALM])
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start krb5kdc");
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the KDC did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Kdc {
+            dir,
+            child,
+            krb5_conf,
+            keytab,
+            principal,
+        }
+    }
+
+    /// The environment that points Kerberos at this realm and a ticket
+    /// cache of the test's own.
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("KRB5_CONFIG".into(), self.krb5_conf.display().to_string()),
+            (
+                "KRB5CCNAME".into(),
+                format!("FILE:{}", self.ccache().display()),
+            ),
+        ]
+    }
+
+    fn ccache(&self) -> PathBuf {
+        self.dir.path().join("ccache")
+    }
+
+    /// `klist` of the test's ticket cache: the principal and its tickets.
+    fn tickets(&self) -> String {
+        let out = Command::new("klist")
+            .arg("-c")
+            .arg(self.ccache())
+            .env("KRB5_CONFIG", &self.krb5_conf)
+            .output()
+            .expect("klist");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kdc.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Kdc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn gssapi(principal: &str, keytab: &Path) -> Vec<(String, String)> {
+    vec![
+        ("security.protocol".into(), "SASL_PLAINTEXT".into()),
+        ("sasl.mechanism".into(), "GSSAPI".into()),
+        ("sasl.kerberos.service.name".into(), "kafka".into()),
+        ("sasl.kerberos.principal".into(), principal.into()),
+        ("sasl.kerberos.keytab".into(), keytab.display().to_string()),
+    ]
+}
+
+#[test]
+fn a_keytab_login_gets_a_ticket_and_a_broker_without_kerberos_stops_the_bridge_saying_so() {
+    let s = services();
+    let kdc = Kdc::start();
+    let mut config = BridgeConfig::new(&s.bootstrap, &unique("group"), &unique("krb"), "unused");
+    config.kafka_extra = gssapi(&kdc.principal, &kdc.keytab);
+    config.env = kdc.env();
+    // Kafka is what is tested: no Pub/Sub topic to check.
+    config
+        .pipeline_extra
+        .push(("sink".into(), "\"discard\"".into()));
+    let mut bridge = Bridge::start(&config);
+    let status = bridge.wait(Duration::from_secs(90));
+    let log = bridge.log_text();
+    println!("ztfhook:\n{log}");
+
+    // The login worked: the keytab's principal holds a ticket-granting
+    // ticket from this KDC.
+    let tickets = kdc.tickets();
+    assert!(
+        tickets.contains(&format!("Default principal: {}", kdc.principal))
+            && tickets.contains(&format!("krbtgt/{REALM}@{REALM}")),
+        "no ticket in the cache:\n{tickets}\nKDC log:\n{}\nztfhook log:\n{log}",
+        kdc.log()
+    );
+    assert!(
+        kdc.log().contains("AS_REQ") && kdc.log().contains(&kdc.principal),
+        "{}",
+        kdc.log()
+    );
+    // The broker does not speak GSSAPI: a start-up failure that names the
+    // brokers and the mechanism.
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!("kafka: the brokers at `{}`", s.bootstrap)) && log.contains("GSSAPI"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_principal_the_kdc_refuses_stops_the_bridge_at_start_up_naming_it() {
+    let s = services();
+    let kdc = Kdc::start();
+    let stranger = format!("nobody@{REALM}");
+    let mut config = BridgeConfig::new(&s.bootstrap, &unique("group"), &unique("krb"), "unused");
+    config.kafka_extra = gssapi(&stranger, &kdc.keytab);
+    config.env = kdc.env();
+    // Kafka is what is tested: no Pub/Sub topic to check.
+    config
+        .pipeline_extra
+        .push(("sink".into(), "\"discard\"".into()));
+    let mut bridge = Bridge::start(&config);
+    let status = bridge.wait(Duration::from_secs(90));
+    let log = bridge.log_text();
+    println!("ztfhook:\n{log}");
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("ztfhook: kafka: the brokers at")
+            && log.contains("the Kerberos login failed: Kerberos ticket refresh failed: kinit")
+            && log.contains(&stranger),
+        "{log}"
+    );
+    assert!(
+        !kdc.tickets().contains("krbtgt/"),
+        "a ticket for a refused principal:\n{}",
+        kdc.tickets()
+    );
+}
+
+#[test]
+fn a_keytab_that_cannot_be_read_is_named_before_any_login() {
+    let s = services();
+    let missing = Path::new("/nonexistent/ztfhook.keytab");
+    let mut config = BridgeConfig::new(&s.bootstrap, &unique("group"), &unique("krb"), "unused");
+    config.kafka_extra = gssapi(&format!("ztfhook@{REALM}"), missing);
+    config
+        .pipeline_extra
+        .push(("sink".into(), "\"discard\"".into()));
+    let mut bridge = Bridge::start(&config);
+    let status = bridge.wait(Duration::from_secs(30));
+    let log = bridge.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("ztfhook: kafka: cannot create the consumer: sasl.kerberos.keytab `/nonexistent/ztfhook.keytab` cannot be read"),
+        "{log}"
+    );
+}
