@@ -426,6 +426,102 @@ fn a_missing_field_is_an_error_naming_the_record_and_the_field() {
     assert!(e.contains("has no field `rbb`"), "{e}");
 }
 
+#[test]
+fn a_hook_decodes_the_head_of_an_alert_first_and_the_history_only_when_read() {
+    let decoder = Decoder::default();
+    for z in ZTF {
+        let payload = Bytes::from(std::fs::read(alert_path("ztf", z.file)).unwrap());
+        let head = decoder.decode_head(&payload).unwrap();
+        let whole = decoder.decode(&payload).unwrap();
+        assert!(!head.is_complete() && whole.is_complete(), "{}", z.file);
+        assert!(head.path("candidate.rb").is_some(), "{}", z.file);
+        assert_eq!(
+            head.field(head.root(), "prv_candidates"),
+            None,
+            "{}",
+            z.file
+        );
+        assert_eq!(
+            head.to_json(head.path("candidate").unwrap()),
+            whole.to_json(whole.path("candidate").unwrap()),
+            "{}",
+            z.file
+        );
+        // Read through a hook, the history is the whole decode's.
+        let n_prv = whole.items(whole.path("prv_candidates").unwrap()).len();
+        for (language, source) in [
+            (
+                Language::Rhai,
+                "fn route(msg) { let rb = msg.alert.candidate.rb; msg.alert.prv_candidates.len().to_string() }",
+            ),
+            (
+                Language::Lua,
+                "function route(msg) local rb = msg.alert.candidate.rb return tostring(#msg.alert.prv_candidates) end",
+            ),
+        ] {
+            let d = decide(language, source, &Environment::default(), payload.to_vec()).unwrap();
+            assert_eq!(d.topics, [n_prv.to_string()], "{language:?} {}", z.file);
+        }
+    }
+}
+
+#[test]
+fn an_alert_cut_short_gives_its_head_and_an_error_naming_the_cut_for_the_rest() {
+    let z = &ZTF[5];
+    let mut payload = std::fs::read(alert_path("ztf", z.file)).unwrap();
+    payload.truncate(payload.len() - 100);
+    for (language, head, rest) in [
+        (
+            Language::Rhai,
+            "fn route(msg) { msg.alert.candidate.candid.to_string() }",
+            "fn route(msg) { msg.alert.cutoutDifference.stampData.len().to_string() }",
+        ),
+        (
+            Language::Lua,
+            "function route(msg) return tostring(msg.alert.candidate.candid) end",
+            "function route(msg) return tostring(#msg.alert.cutoutDifference.stampData) end",
+        ),
+    ] {
+        let env = Environment::default();
+        let d = decide(language, head, &env, payload.clone()).unwrap();
+        assert_eq!(d.topics, [z.candid.to_string()], "{language:?}");
+        let e = decide(language, rest, &env, payload.clone()).unwrap_err();
+        assert!(
+            e.contains("does not decode as an alert") && e.contains("runs past the end"),
+            "{language:?}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_rubin_schema_is_trusted_for_head_decoding_only_after_it_decoded_a_whole_alert() {
+    let decoder = Decoder::new(SchemaSources {
+        directory: Some(schema_dir()),
+        registry: None,
+    });
+    let payload = Bytes::from(std::fs::read(alert_path("rubin", RUBIN[0].file)).unwrap());
+    let first = decoder.decode_head(&payload).unwrap();
+    assert!(
+        first.is_complete(),
+        "the first alert of a schema id is decoded whole"
+    );
+    let second = decoder.decode_head(&payload).unwrap();
+    assert!(!second.is_complete());
+    assert_eq!(
+        second.to_json(second.path("diaSource").unwrap()),
+        first.to_json(first.path("diaSource").unwrap())
+    );
+    // A payload that the schema leaves bytes over from is refused first.
+    let mut longer = payload.to_vec();
+    longer.extend_from_slice(&[0; 8]);
+    let fresh = Decoder::new(SchemaSources {
+        directory: Some(schema_dir()),
+        registry: None,
+    });
+    let e = fresh.decode_head(&Bytes::from(longer)).unwrap_err();
+    assert!(e.0.contains("8 bytes left over"), "{e}");
+}
+
 // ---- a ZTF schema version the decoder has never seen -----------------------
 
 fn zigzag(v: i64, out: &mut Vec<u8>) {

@@ -71,6 +71,10 @@ pub struct Schema {
     pub records: Vec<RecordDef>,
     /// Each enum's symbols.
     pub enums: Vec<Vec<Arc<str>>>,
+    /// How many leading fields of the root record hold no array or map:
+    /// the part [`decode_head`] decodes (ZTF: up to `candidate`, before
+    /// `prv_candidates`; Rubin: up to `diaSource`).
+    pub head_fields: usize,
 }
 
 impl Schema {
@@ -117,11 +121,40 @@ pub fn parse_schema(
         .into_iter()
         .map(|r| r.ok_or_else(|| AvroError("a record was used before its definition ended".into())))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Schema {
+    let mut schema = Schema {
         root,
         records,
         enums: parser.enums,
-    })
+        head_fields: 0,
+    };
+    schema.head_fields = match &schema.root {
+        Node::Record(id) => schema.records[*id as usize]
+            .fields
+            .iter()
+            .take_while(|f| !schema.holds_collection(&f.node, 0))
+            .count(),
+        _ => 0,
+    };
+    Ok(schema)
+}
+
+impl Schema {
+    /// Whether values of `node` can hold an array or a map (a recursive
+    /// type counts as holding one).
+    fn holds_collection(&self, node: &Node, depth: usize) -> bool {
+        if depth > MAX_DEPTH {
+            return true;
+        }
+        match node {
+            Node::Array(_) | Node::Map(_) => true,
+            Node::Union(branches) => branches.iter().any(|b| self.holds_collection(b, depth + 1)),
+            Node::Record(id) => self.records[*id as usize]
+                .fields
+                .iter()
+                .any(|f| self.holds_collection(&f.node, depth + 1)),
+            _ => false,
+        }
+    }
 }
 
 struct Parser<'r> {
@@ -389,6 +422,42 @@ pub fn decode(
     Ok(pos)
 }
 
+/// Decodes only the head of a datum whose root is a record: its first
+/// [`Schema::head_fields`] fields, no array or map among them; the other
+/// fields' slots stay `Null`. Spans are relative to `buf`.
+///
+/// # Errors
+/// [`AvroError`] naming the field path and byte offset of bad input.
+pub fn decode_head(
+    schema: &Schema,
+    buf: &[u8],
+    start: usize,
+    out: &mut Decoded,
+) -> Result<(), AvroError> {
+    let Node::Record(id) = schema.root else {
+        return decode(schema, buf, start, out).map(|_| ());
+    };
+    if buf.len() > u32::MAX as usize {
+        return err("a datum over 4 GiB");
+    }
+    let mut reader = Reader {
+        buf,
+        pos: start,
+        arena: std::mem::take(&mut out.arena),
+        schema,
+        depth: 0,
+        items: 0,
+    };
+    reader.arena.clear();
+    let root = reader.record_fields(id, schema.head_fields);
+    out.arena = reader.arena;
+    out.root = Some(root.map_err(|e| match schema.name() {
+        Some(n) => AvroError(format!("{n}: {e}")),
+        None => e,
+    })?);
+    Ok(())
+}
+
 /// Most array items or map entries one decode may hold: a count in the
 /// input can't allocate more than this.
 const MAX_ITEMS: usize = 4_000_000;
@@ -601,12 +670,18 @@ impl Reader<'_> {
     }
 
     fn record(&mut self, id: u32) -> Result<Value, AvroError> {
+        self.record_fields(id, usize::MAX)
+    }
+
+    /// A record of which only the first `limit` fields are read; the slots
+    /// of the others stay `Null`.
+    fn record_fields(&mut self, id: u32, limit: usize) -> Result<Value, AvroError> {
         let schema = self.schema;
         let def = &schema.records[id as usize];
         self.nested(|r| {
             let start = r.arena.len();
             r.arena.resize(start + def.fields.len(), Value::Null);
-            for (i, field) in def.fields.iter().enumerate() {
+            for (i, field) in def.fields.iter().enumerate().take(limit) {
                 let v = r
                     .value(&field.node)
                     .map_err(|e| AvroError(format!("{}: {e}", field.name)))?;
@@ -637,6 +712,7 @@ pub fn read_long(buf: &[u8], pos: &mut usize) -> Result<i64, AvroError> {
 
 static EMPTY: Schema = Schema {
     root: Node::Null,
+    head_fields: 0,
     records: Vec::new(),
     enums: Vec::new(),
 };
@@ -734,6 +810,39 @@ mod tests {
         assert_eq!(out.arena[m as usize + 1], Value::Int(-7));
         assert_eq!(field(8), Value::Null);
         assert_eq!(schema.name(), Some("x.t"));
+    }
+
+    #[test]
+    fn the_head_is_the_root_fields_before_the_first_that_can_hold_a_collection() {
+        let schema = parse_schema(
+            r#"{"type": "record", "name": "a", "fields": [
+                {"name": "id", "type": "long"},
+                {"name": "c", "type": {"type": "record", "name": "c", "fields": [{"name": "x", "type": "double"}]}},
+                {"name": "prv", "type": ["null", {"type": "array", "items": "c"}]},
+                {"name": "late", "type": "long"}]}"#,
+            &mut no_resolve,
+        )
+        .unwrap();
+        assert_eq!(schema.head_fields, 2);
+        // 7, {x: 1.5}, [c{2.5}], 9
+        let mut datum = Vec::new();
+        zigzag(7, &mut datum);
+        datum.extend_from_slice(&1.5f64.to_le_bytes());
+        zigzag(1, &mut datum);
+        zigzag(1, &mut datum);
+        datum.extend_from_slice(&2.5f64.to_le_bytes());
+        zigzag(0, &mut datum);
+        zigzag(9, &mut datum);
+        let mut head = Decoded::default();
+        decode_head(&schema, &datum, 0, &mut head).unwrap();
+        let mut whole = Decoded::default();
+        assert_eq!(decode(&schema, &datum, 0, &mut whole).unwrap(), datum.len());
+        // Root slots 0..4, then the record `c`'s field.
+        assert_eq!(head.arena[..2], whole.arena[..2]);
+        assert_eq!(head.arena[4], Value::Float(1.5));
+        assert_eq!(whole.arena[4], Value::Float(1.5));
+        assert_eq!(head.arena[2..4], [Value::Null, Value::Null]);
+        assert_eq!(whole.arena[3], Value::Int(9));
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //! Invariants: the survey is known from the payload's form alone (the
 //! container's schema name for ZTF, the header for Rubin); decoding copies no
 //! strings or bytes out of the payload; bad payloads are errors naming what
-//! was wrong, never panics.
+//! was wrong, never panics. A head-only decode ([`Decoder::decode_head`])
+//! reads the root fields before the first that can hold an array or a map;
+//! its other root fields read as absent, never as a wrong value; a
+//! wire-format schema is used for it only after it decoded a whole alert.
 
 pub mod avro;
 pub mod schemas;
@@ -77,6 +80,9 @@ pub struct Decoder {
     /// Container schemas by their exact text.
     containers: Mutex<Vec<(Bytes, Arc<Schema>)>>,
     wire: SchemaStore,
+    /// Wire-format schema ids whose schema has decoded a whole alert to its
+    /// last byte: only those are trusted for head-only decoding.
+    verified: Mutex<std::collections::HashSet<u32>>,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -157,6 +163,7 @@ impl Decoder {
         Decoder {
             containers: Mutex::new(Vec::new()),
             wire: SchemaStore::new(sources),
+            verified: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -206,7 +213,7 @@ impl Decoder {
             decoded.arena.reserve(4096);
             avro::decode(&schema, payload, c.data, &mut decoded)?;
             let survey = Survey::of_schema(&schema);
-            return Alert::new(payload.clone(), schema, decoded, survey, None);
+            return Alert::new(payload.clone(), schema, decoded, survey, None, None);
         }
         if let Some(id) = wire_schema_id(payload) {
             let schema = self.wire.get(id)?;
@@ -219,7 +226,18 @@ impl Decoder {
                     payload.len() - end
                 )));
             }
-            return Alert::new(payload.clone(), schema, decoded, Survey::Lsst, Some(id));
+            self.verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id);
+            return Alert::new(
+                payload.clone(),
+                schema,
+                decoded,
+                Survey::Lsst,
+                Some(id),
+                None,
+            );
         }
         let head: Vec<String> = payload.iter().take(4).map(|b| format!("{b:02x}")).collect();
         Err(AvroError(format!(
@@ -227,6 +245,66 @@ impl Decoder {
             payload.len(),
             head.join(" ")
         )))
+    }
+}
+
+impl Decoder {
+    /// Decodes only the alert's head: the root fields before the first one
+    /// that holds an array or a map ([`Schema::head_fields`]): ZTF's
+    /// `candidate` without the `prv_candidates` after it, Rubin's
+    /// `diaSource` without the histories. [`Decoder::decode`] then gives
+    /// the rest, when it is needed. A wire-format schema is trusted for this
+    /// only once it has decoded a whole alert to its last byte; until then
+    /// the whole alert is decoded (and returned).
+    ///
+    /// # Errors
+    /// As [`Decoder::decode`], for the part decoded.
+    pub fn decode_head(&self, payload: &Bytes) -> Result<Alert, AvroError> {
+        let mut decoded = Decoded::default();
+        if payload.starts_with(CONTAINER_MAGIC) {
+            let c = container(payload)?;
+            let schema = self.container_schema(c.schema)?;
+            let survey = Survey::of_schema(&schema);
+            let head = head_of(&schema);
+            decoded.arena.reserve(256);
+            avro::decode_head(&schema, payload, c.data, &mut decoded)?;
+            return Alert::new(payload.clone(), schema, decoded, survey, None, head);
+        }
+        if let Some(id) = wire_schema_id(payload) {
+            let trusted = self
+                .verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&id);
+            if !trusted {
+                return self.decode(payload);
+            }
+            let schema = self.wire.get(id)?;
+            let head = head_of(&schema);
+            decoded.arena.reserve(256);
+            avro::decode_head(&schema, payload, 5, &mut decoded)
+                .map_err(|e| AvroError(format!("schema id {id}: {e}")))?;
+            return Alert::new(
+                payload.clone(),
+                schema,
+                decoded,
+                Survey::Lsst,
+                Some(id),
+                head,
+            );
+        }
+        self.decode(payload)
+    }
+}
+
+/// How many root fields a head decode leaves out of `schema`'s, as the
+/// decoded-field count of a partial alert (`None`: nothing left out).
+fn head_of(schema: &Schema) -> Option<usize> {
+    match schema.root {
+        avro::Node::Record(id) if schema.head_fields < schema.records[id as usize].fields.len() => {
+            Some(schema.head_fields)
+        }
+        _ => None,
     }
 }
 
@@ -240,6 +318,9 @@ pub struct Alert {
     pub survey: Survey,
     /// The wire-format schema id (Rubin).
     pub schema_id: Option<u32>,
+    /// For a head-only decode ([`Decoder::decode_head`]): how many of the
+    /// root's fields were decoded. The others read as absent.
+    head: Option<usize>,
 }
 
 impl Alert {
@@ -249,6 +330,7 @@ impl Alert {
         decoded: Decoded,
         survey: Survey,
         schema_id: Option<u32>,
+        head: Option<usize>,
     ) -> Result<Alert, AvroError> {
         let root = decoded
             .root
@@ -260,7 +342,29 @@ impl Alert {
             root,
             survey,
             schema_id,
+            head,
         })
+    }
+
+    /// Whether every field was decoded (not a head-only decode).
+    pub fn is_complete(&self) -> bool {
+        self.head.is_none()
+    }
+
+    /// Whether a record's type has a field of this name, decoded or not.
+    pub fn declares(&self, record: Value, name: &str) -> bool {
+        match record {
+            Value::Record(id, _) => self.schema.records[id as usize].field(name).is_some(),
+            _ => false,
+        }
+    }
+
+    /// How many of a record's fields were decoded.
+    fn decoded_fields(&self, record: Value) -> usize {
+        match self.head {
+            Some(n) if record == self.root => n,
+            _ => usize::MAX,
+        }
     }
 
     /// The alert record.
@@ -282,6 +386,9 @@ impl Alert {
             return None;
         };
         let i = self.schema.records[id as usize].field(name)?;
+        if i >= self.decoded_fields(record) {
+            return None;
+        }
         Some(self.decoded.arena[first as usize + i])
     }
 
@@ -291,9 +398,11 @@ impl Alert {
             Value::Record(id, first) => (Some(&self.schema.records[id as usize]), first),
             _ => (None, 0),
         };
+        let decoded = self.decoded_fields(record);
         def.into_iter().flat_map(move |d| {
             d.fields
                 .iter()
+                .take(decoded)
                 .enumerate()
                 .map(move |(i, f)| (&*f.name, self.decoded.arena[first as usize + i]))
         })

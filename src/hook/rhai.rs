@@ -128,14 +128,17 @@ fn engine(path: &str, limits: Limits) -> Engine {
         .register_indexer_get(
             |r: &mut AlertRecord, name: &str| -> Result<Dynamic, Box<EvalAltResult>> {
                 let v = r.get(name).map_err(script_error)?;
-                alert_value(r, v)
+                alert_value(&v, v.value)
             },
         )
         .register_fn("has", |r: &mut AlertRecord, name: &str| r.has(name))
         .register_fn("contains", |r: &mut AlertRecord, name: &str| r.has(name))
-        .register_fn("to_string", |r: &mut AlertRecord| {
-            r.alert.to_json(r.value).to_string()
-        })
+        .register_fn(
+            "to_string",
+            |r: &mut AlertRecord| -> Result<String, Box<EvalAltResult>> {
+                Ok(r.to_json().map_err(script_error)?.to_string())
+            },
+        )
         .register_fn("sample", |value: Dynamic, fraction: f64| {
             sample(&text(&value), fraction)
         })

@@ -76,38 +76,74 @@ pub struct ScriptMessage {
     pub headers: Arc<[Header]>,
     pub payload: Bytes,
     decoder: Arc<Decoder>,
-    alert: std::sync::OnceLock<Result<Arc<Alert>, String>>,
+    alert: std::sync::OnceLock<Result<AlertRecord, String>>,
 }
 
 /// How the error for a payload that does not decode starts.
 pub const NOT_AN_ALERT: &str = "the payload does not decode as an alert";
 
-/// A record of a decoded alert, as scripts hold it: the alert (shared) and
-/// which record.
+/// A value of a decoded alert, as scripts hold it: the alert (shared) and
+/// which value; in practice a record, or a field just read from one.
 #[derive(Debug, Clone)]
 pub struct AlertRecord {
     pub alert: Arc<Alert>,
     pub value: Value,
+    /// For the root of a head-only decode: the whole alert, decoded when a
+    /// field past the head is first read.
+    rest: Option<Arc<Rest>>,
+}
+
+/// The rest of a head-only decoded alert, decoded at most once, on demand.
+#[derive(Debug)]
+struct Rest {
+    decoder: Arc<Decoder>,
+    payload: Bytes,
+    whole: std::sync::OnceLock<Result<Arc<Alert>, String>>,
+}
+
+impl Rest {
+    fn whole(&self) -> Result<AlertRecord, String> {
+        match self.whole.get_or_init(|| {
+            self.decoder
+                .decode(&self.payload)
+                .map(Arc::new)
+                .map_err(|e| format!("{NOT_AN_ALERT}: {e}"))
+        }) {
+            Ok(alert) => Ok(AlertRecord {
+                alert: Arc::clone(alert),
+                value: alert.root(),
+                rest: None,
+            }),
+            Err(e) => Err(e.clone()),
+        }
+    }
 }
 
 impl AlertRecord {
-    /// A field's value; an error names the record and the field when the
-    /// record has no such field.
+    /// A field's value (in the alert it belongs to); an error names the
+    /// record and the field when the record has no such field, or why the
+    /// part of the alert that holds it does not decode.
     ///
     /// # Errors
     /// The message for the script.
-    pub fn get(&self, name: &str) -> Result<Value, String> {
-        self.alert.field(self.value, name).ok_or_else(|| {
-            format!(
-                "record `{}` has no field `{name}`",
-                self.alert.record_name(self.value)
-            )
-        })
+    pub fn get(&self, name: &str) -> Result<AlertRecord, String> {
+        if let Some(value) = self.alert.field(self.value, name) {
+            return Ok(self.child(value));
+        }
+        if let Some(rest) = &self.rest {
+            if self.alert.declares(self.value, name) {
+                return rest.whole()?.get(name);
+            }
+        }
+        Err(format!(
+            "record `{}` has no field `{name}`",
+            self.alert.record_name(self.value)
+        ))
     }
 
     /// Whether the record has a field of this name (schemas differ by version).
     pub fn has(&self, name: &str) -> bool {
-        self.alert.field(self.value, name).is_some()
+        self.alert.declares(self.value, name)
     }
 
     /// A child value of the same alert.
@@ -115,6 +151,18 @@ impl AlertRecord {
         AlertRecord {
             alert: Arc::clone(&self.alert),
             value,
+            rest: None,
+        }
+    }
+
+    /// The value as JSON (the whole alert for the root).
+    ///
+    /// # Errors
+    /// Why the rest of the alert does not decode.
+    pub fn to_json(&self) -> Result<serde_json::Value, String> {
+        match &self.rest {
+            Some(rest) => Ok(rest.whole()?.to_json()?),
+            None => Ok(self.alert.to_json(self.value)),
         }
     }
 }
@@ -156,7 +204,7 @@ impl ScriptMessage {
     /// The survey, from the payload's form.
     pub fn survey(&self) -> Survey {
         match self.alert.get() {
-            Some(Ok(a)) => a.survey,
+            Some(Ok(a)) => a.alert.survey,
             _ => self.decoder.survey(&self.payload),
         }
     }
@@ -176,11 +224,12 @@ impl ScriptMessage {
             return Ok(Some(crate::alert::rubin_version(id)));
         }
         let alert = self.alert()?;
-        Ok(match alert.value {
-            v @ Value::Record(..) => match alert.alert.field(v, "schemavsn") {
-                Some(Value::Str(s)) => alert.alert.text(s).ok().map(str::to_string),
-                _ => None,
-            },
+        Ok(match alert.get("schemavsn") {
+            Ok(AlertRecord {
+                alert,
+                value: Value::Str(s),
+                ..
+            }) => alert.text(s).ok().map(str::to_string),
             _ => None,
         })
     }
@@ -190,18 +239,27 @@ impl ScriptMessage {
     /// # Errors
     /// Why the payload does not decode, for the error policy.
     pub fn alert(&self) -> Result<AlertRecord, String> {
-        match self.alert.get_or_init(|| {
-            self.decoder
-                .decode(&self.payload)
-                .map(Arc::new)
-                .map_err(|e| format!("{NOT_AN_ALERT}: {e}"))
-        }) {
-            Ok(alert) => Ok(AlertRecord {
-                alert: Arc::clone(alert),
-                value: alert.root(),
-            }),
-            Err(e) => Err(e.clone()),
-        }
+        self.alert
+            .get_or_init(|| {
+                let head = self
+                    .decoder
+                    .decode_head(&self.payload)
+                    .map(Arc::new)
+                    .map_err(|e| format!("{NOT_AN_ALERT}: {e}"))?;
+                let rest = (!head.is_complete()).then(|| {
+                    Arc::new(Rest {
+                        decoder: Arc::clone(&self.decoder),
+                        payload: self.payload.clone(),
+                        whole: std::sync::OnceLock::new(),
+                    })
+                });
+                Ok(AlertRecord {
+                    value: head.root(),
+                    alert: head,
+                    rest,
+                })
+            })
+            .clone()
     }
 
     /// The key as text, if it is valid UTF-8.

@@ -77,10 +77,10 @@ impl UserData for AlertRecord {
         methods.add_meta_method(MetaMethod::Index, |lua, r, name: mlua::String| {
             let name = name.to_str()?;
             let v = r.get(&name).map_err(mlua::Error::RuntimeError)?;
-            alert_value(lua, r, v)
+            alert_value(lua, &v, v.value)
         });
         methods.add_meta_method(MetaMethod::ToString, |_, r, ()| {
-            Ok(r.alert.to_json(r.value).to_string())
+            Ok(r.to_json().map_err(mlua::Error::RuntimeError)?.to_string())
         });
     }
 }
