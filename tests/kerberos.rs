@@ -159,24 +159,24 @@ impl Drop for Kdc {
     }
 }
 
-fn gssapi(principal: &str, keytab: &Path) -> Vec<(String, String)> {
-    vec![
+/// Runs ztfhook against the shared (plain) broker with a GSSAPI login as
+/// `principal` from `keytab`, with a discarding sink (Kafka is what is
+/// tested), until it exits; returns its exit code and log.
+fn run_with_kerberos(
+    principal: &str,
+    keytab: &Path,
+    env: Vec<(String, String)>,
+) -> (Option<i32>, String) {
+    let s = services();
+    let mut config = BridgeConfig::new(&s.bootstrap, &unique("group"), &unique("krb"), "unused");
+    config.kafka_extra = vec![
         ("security.protocol".into(), "SASL_PLAINTEXT".into()),
         ("sasl.mechanism".into(), "GSSAPI".into()),
         ("sasl.kerberos.service.name".into(), "kafka".into()),
         ("sasl.kerberos.principal".into(), principal.into()),
         ("sasl.kerberos.keytab".into(), keytab.display().to_string()),
-    ]
-}
-
-#[test]
-fn a_keytab_login_gets_a_ticket_and_a_broker_without_kerberos_stops_the_bridge_saying_so() {
-    let s = services();
-    let kdc = Kdc::start();
-    let mut config = BridgeConfig::new(&s.bootstrap, &unique("group"), &unique("krb"), "unused");
-    config.kafka_extra = gssapi(&kdc.principal, &kdc.keytab);
-    config.env = kdc.env();
-    // Kafka is what is tested: no Pub/Sub topic to check.
+    ];
+    config.env = env;
     config
         .pipeline_extra
         .push(("sink".into(), "\"discard\"".into()));
@@ -184,6 +184,13 @@ fn a_keytab_login_gets_a_ticket_and_a_broker_without_kerberos_stops_the_bridge_s
     let status = bridge.wait(Duration::from_secs(90));
     let log = bridge.log_text();
     println!("ztfhook:\n{log}");
+    (status.code(), log)
+}
+
+#[test]
+fn a_keytab_login_gets_a_ticket_and_a_broker_without_kerberos_stops_the_bridge_saying_so() {
+    let kdc = Kdc::start();
+    let (status, log) = run_with_kerberos(&kdc.principal, &kdc.keytab, kdc.env());
 
     // The login worked: the keytab's principal holds a ticket-granting
     // ticket from this KDC.
@@ -201,30 +208,20 @@ fn a_keytab_login_gets_a_ticket_and_a_broker_without_kerberos_stops_the_bridge_s
     );
     // The broker does not speak GSSAPI: a start-up failure that names the
     // brokers and the mechanism.
-    assert_eq!(status.code(), Some(1), "{log}");
+    assert_eq!(status, Some(1), "{log}");
     assert!(
-        log.contains(&format!("kafka: the brokers at `{}`", s.bootstrap)) && log.contains("GSSAPI"),
+        log.contains(&format!("kafka: the brokers at `{}`", services().bootstrap))
+            && log.contains("GSSAPI"),
         "{log}"
     );
 }
 
 #[test]
 fn a_principal_the_kdc_refuses_stops_the_bridge_at_start_up_naming_it() {
-    let s = services();
     let kdc = Kdc::start();
     let stranger = format!("nobody@{REALM}");
-    let mut config = BridgeConfig::new(&s.bootstrap, &unique("group"), &unique("krb"), "unused");
-    config.kafka_extra = gssapi(&stranger, &kdc.keytab);
-    config.env = kdc.env();
-    // Kafka is what is tested: no Pub/Sub topic to check.
-    config
-        .pipeline_extra
-        .push(("sink".into(), "\"discard\"".into()));
-    let mut bridge = Bridge::start(&config);
-    let status = bridge.wait(Duration::from_secs(90));
-    let log = bridge.log_text();
-    println!("ztfhook:\n{log}");
-    assert_eq!(status.code(), Some(1), "{log}");
+    let (status, log) = run_with_kerberos(&stranger, &kdc.keytab, kdc.env());
+    assert_eq!(status, Some(1), "{log}");
     assert!(
         log.contains("ztfhook: kafka: the brokers at")
             && log.contains("the Kerberos login failed: Kerberos ticket refresh failed: kinit")
@@ -240,17 +237,9 @@ fn a_principal_the_kdc_refuses_stops_the_bridge_at_start_up_naming_it() {
 
 #[test]
 fn a_keytab_that_cannot_be_read_is_named_before_any_login() {
-    let s = services();
     let missing = Path::new("/nonexistent/ztfhook.keytab");
-    let mut config = BridgeConfig::new(&s.bootstrap, &unique("group"), &unique("krb"), "unused");
-    config.kafka_extra = gssapi(&format!("ztfhook@{REALM}"), missing);
-    config
-        .pipeline_extra
-        .push(("sink".into(), "\"discard\"".into()));
-    let mut bridge = Bridge::start(&config);
-    let status = bridge.wait(Duration::from_secs(30));
-    let log = bridge.log_text();
-    assert_eq!(status.code(), Some(1), "{log}");
+    let (status, log) = run_with_kerberos(&format!("ztfhook@{REALM}"), missing, Vec::new());
+    assert_eq!(status, Some(1), "{log}");
     assert!(
         log.contains("ztfhook: kafka: cannot create the consumer: sasl.kerberos.keytab `/nonexistent/ztfhook.keytab` cannot be read"),
         "{log}"

@@ -400,26 +400,7 @@ pub fn decode(
     start: usize,
     out: &mut Decoded,
 ) -> Result<usize, AvroError> {
-    if buf.len() > u32::MAX as usize {
-        return err("a datum over 4 GiB");
-    }
-    let mut reader = Reader {
-        buf,
-        pos: start,
-        arena: std::mem::take(&mut out.arena),
-        schema,
-        depth: 0,
-        items: 0,
-    };
-    reader.arena.clear();
-    let root = reader.value(&schema.root);
-    let pos = reader.pos;
-    out.arena = reader.arena;
-    out.root = Some(root.map_err(|e| match schema.name() {
-        Some(n) => AvroError(format!("{n}: {e}")),
-        None => e,
-    })?);
-    Ok(pos)
+    read_datum(schema, buf, start, out, |r| r.value(&schema.root))
 }
 
 /// Decodes only the head of a datum whose root is a record: its first
@@ -434,9 +415,24 @@ pub fn decode_head(
     start: usize,
     out: &mut Decoded,
 ) -> Result<(), AvroError> {
-    let Node::Record(id) = schema.root else {
-        return decode(schema, buf, start, out).map(|_| ());
-    };
+    match schema.root {
+        Node::Record(id) => read_datum(schema, buf, start, out, |r| {
+            r.record_fields(id, schema.head_fields)
+        }),
+        _ => decode(schema, buf, start, out),
+    }
+    .map(|_| ())
+}
+
+/// Runs `read` over `buf[start..]` into `out`'s arena (reused); returns the
+/// position after what it read.
+fn read_datum(
+    schema: &Schema,
+    buf: &[u8],
+    start: usize,
+    out: &mut Decoded,
+    read: impl FnOnce(&mut Reader<'_>) -> Result<Value, AvroError>,
+) -> Result<usize, AvroError> {
     if buf.len() > u32::MAX as usize {
         return err("a datum over 4 GiB");
     }
@@ -449,13 +445,14 @@ pub fn decode_head(
         items: 0,
     };
     reader.arena.clear();
-    let root = reader.record_fields(id, schema.head_fields);
+    let root = read(&mut reader);
+    let pos = reader.pos;
     out.arena = reader.arena;
     out.root = Some(root.map_err(|e| match schema.name() {
         Some(n) => AvroError(format!("{n}: {e}")),
         None => e,
     })?);
-    Ok(())
+    Ok(pos)
 }
 
 /// Most array items or map entries one decode may hold: a count in the

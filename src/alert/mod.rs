@@ -206,49 +206,9 @@ impl Decoder {
     /// [`AvroError`] saying why: not an alert form, a schema that can't be
     /// found or parsed, bad data.
     pub fn decode(&self, payload: &Bytes) -> Result<Alert, AvroError> {
-        let mut decoded = Decoded::default();
-        if payload.starts_with(CONTAINER_MAGIC) {
-            let c = container(payload)?;
-            let schema = self.container_schema(c.schema)?;
-            decoded.arena.reserve(4096);
-            avro::decode(&schema, payload, c.data, &mut decoded)?;
-            let survey = Survey::of_schema(&schema);
-            return Alert::new(payload.clone(), schema, decoded, survey, None, None);
-        }
-        if let Some(id) = wire_schema_id(payload) {
-            let schema = self.wire.get(id)?;
-            decoded.arena.reserve(256);
-            let end = avro::decode(&schema, payload, 5, &mut decoded)
-                .map_err(|e| AvroError(format!("schema id {id}: {e}")))?;
-            if end != payload.len() {
-                return Err(AvroError(format!(
-                    "schema id {id}: {} bytes left over after the alert (wrong schema?)",
-                    payload.len() - end
-                )));
-            }
-            self.verified
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id);
-            return Alert::new(
-                payload.clone(),
-                schema,
-                decoded,
-                Survey::Lsst,
-                Some(id),
-                None,
-            );
-        }
-        let head: Vec<String> = payload.iter().take(4).map(|b| format!("{b:02x}")).collect();
-        Err(AvroError(format!(
-            "not an alert: {} bytes starting {} (expected an Avro container `Obj\\x01` or the Confluent wire format's 0x00)",
-            payload.len(),
-            head.join(" ")
-        )))
+        self.read(payload, false)
     }
-}
 
-impl Decoder {
     /// Decodes only the alert's head: the root fields before the first one
     /// that holds an array or a map ([`Schema::head_fields`]): ZTF's
     /// `candidate` without the `prv_candidates` after it, Rubin's
@@ -260,30 +220,51 @@ impl Decoder {
     /// # Errors
     /// As [`Decoder::decode`], for the part decoded.
     pub fn decode_head(&self, payload: &Bytes) -> Result<Alert, AvroError> {
+        self.read(payload, true)
+    }
+
+    fn read(&self, payload: &Bytes, head_only: bool) -> Result<Alert, AvroError> {
         let mut decoded = Decoded::default();
         if payload.starts_with(CONTAINER_MAGIC) {
             let c = container(payload)?;
             let schema = self.container_schema(c.schema)?;
             let survey = Survey::of_schema(&schema);
-            let head = head_of(&schema);
-            decoded.arena.reserve(256);
-            avro::decode_head(&schema, payload, c.data, &mut decoded)?;
+            let head = head_only.then(|| head_of(&schema)).flatten();
+            if head.is_some() {
+                decoded.arena.reserve(256);
+                avro::decode_head(&schema, payload, c.data, &mut decoded)?;
+            } else {
+                decoded.arena.reserve(4096);
+                avro::decode(&schema, payload, c.data, &mut decoded)?;
+            }
             return Alert::new(payload.clone(), schema, decoded, survey, None, head);
         }
         if let Some(id) = wire_schema_id(payload) {
-            let trusted = self
-                .verified
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(&id);
-            if !trusted {
-                return self.decode(payload);
-            }
             let schema = self.wire.get(id)?;
-            let head = head_of(&schema);
+            let trusted = head_only
+                && self
+                    .verified
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&id);
+            let head = trusted.then(|| head_of(&schema)).flatten();
+            let named = |e: AvroError| AvroError(format!("schema id {id}: {e}"));
             decoded.arena.reserve(256);
-            avro::decode_head(&schema, payload, 5, &mut decoded)
-                .map_err(|e| AvroError(format!("schema id {id}: {e}")))?;
+            if head.is_some() {
+                avro::decode_head(&schema, payload, 5, &mut decoded).map_err(named)?;
+            } else {
+                let end = avro::decode(&schema, payload, 5, &mut decoded).map_err(named)?;
+                if end != payload.len() {
+                    return Err(named(AvroError(format!(
+                        "{} bytes left over after the alert (wrong schema?)",
+                        payload.len() - end
+                    ))));
+                }
+                self.verified
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id);
+            }
             return Alert::new(
                 payload.clone(),
                 schema,
@@ -293,7 +274,12 @@ impl Decoder {
                 head,
             );
         }
-        self.decode(payload)
+        let head: Vec<String> = payload.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        Err(AvroError(format!(
+            "not an alert: {} bytes starting {} (expected an Avro container `Obj\\x01` or the Confluent wire format's 0x00)",
+            payload.len(),
+            head.join(" ")
+        )))
     }
 }
 
