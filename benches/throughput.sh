@@ -23,6 +23,9 @@ PARTITIONS=400           # >= messages x size / 5 MB (the mock keeps 5 MB a part
 LAT_RATE=1000
 LAT_SECONDS=10
 TANSU_N=2000
+# Another build of ztfhook to measure: an A/B of two commits on one machine
+# (ZTFHOOK_BIN=/path/to/old/ztfhook SECTIONS=ztf benches/throughput.sh).
+ZTFHOOK_BIN=${ZTFHOOK_BIN:-target/release/ztfhook}
 
 scripts/setup.sh
 command -v /usr/bin/time >/dev/null || { echo "bench: needs /usr/bin/time (package time)" >&2; exit 1; }
@@ -170,7 +173,7 @@ EOF
   local b0 start="" pid done_at
   mark
   b0=$(cpu_of "$broker_pid")
-  /usr/bin/time -f "%e %U %S %M" -o "$WORK/$id.time" target/release/ztfhook --config "$cfg" \
+  /usr/bin/time -f "%e %U %S %M" -o "$WORK/$id.time" "$ZTFHOOK_BIN" --config "$cfg" \
     >"$WORK/$id.out" 2>"$WORK/$id.log" &
   pid=$!
   # Timed from the first alert consumed (the group join, ~3 s on the mock,
