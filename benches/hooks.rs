@@ -5,7 +5,8 @@
 //! Then the cost of reading an alert in a hook: decoding a ZTF alert (64 KB,
 //! with prv_candidates and cutouts) and reading candidate fields, and the
 //! same for a Rubin alert's diaSource (110 KB, schema from the test data),
-//! with the bare Rust decode as the floor.
+//! with the bare Rust decode as the floor; and the shipped
+//! `ztf_by_program.rhai` (survey, then the head).
 //!
 //! `cargo bench --bench hooks`
 
@@ -121,6 +122,11 @@ fn decoding(c: &mut Criterion) {
     let rubin = sample_file("rubin/lsst_v9_0_wire_169298432645136561.avro");
     // The sample with the most history: 27 previous candidates.
     let ztf_long = sample_file("ztf/fink_v3.2_697252845215010000.avro");
+    // A shipped rule: reads msg.survey, then the alert's head.
+    let ztf_by_program = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ztf_by_program.rhai"),
+    )
+    .unwrap();
     let mut group = c.benchmark_group("alert");
     for (name, envelope) in [
         ("decode/rust-ztf", &ztf),
@@ -143,6 +149,12 @@ fn decoding(c: &mut Criterion) {
         ),
         ("rubin-diasource/rhai", Language::Rhai, RUBIN_RHAI, &rubin),
         ("rubin-diasource/lua", Language::Lua, RUBIN_LUA, &rubin),
+        (
+            "ztf_by_program.rhai (27 previous)",
+            Language::Rhai,
+            &*ztf_by_program,
+            &ztf_long,
+        ),
     ] {
         let file = if language == Language::Rhai {
             "b.rhai"

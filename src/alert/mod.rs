@@ -189,15 +189,32 @@ impl Decoder {
     /// The survey, from the payload's form: a container whose schema is
     /// named `ztf.*` or `lsst.*`, or Rubin's wire format.
     pub fn survey(&self, payload: &[u8]) -> Survey {
+        self.form(payload).map_or(Survey::Unknown, |f| f.survey())
+    }
+
+    /// A payload's form, from its first bytes: a container (its header read
+    /// and its schema looked up, parsed on first sight) or the wire format.
+    ///
+    /// # Errors
+    /// [`AvroError`] if it is neither, or the container's header or schema
+    /// is bad.
+    pub fn form(&self, payload: &[u8]) -> Result<Form, AvroError> {
         if payload.starts_with(CONTAINER_MAGIC) {
-            return container(payload)
-                .and_then(|c| self.container_schema(c.schema))
-                .map_or(Survey::Unknown, |s| Survey::of_schema(&s));
+            let c = container(payload)?;
+            return Ok(Form::Container {
+                schema: self.container_schema(c.schema)?,
+                data: c.data,
+            });
         }
-        if wire_schema_id(payload).is_some() {
-            return Survey::Lsst;
+        if let Some(id) = wire_schema_id(payload) {
+            return Ok(Form::Wire(id));
         }
-        Survey::Unknown
+        let head: Vec<String> = payload.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        Err(AvroError(format!(
+            "not an alert: {} bytes starting {} (expected an Avro container `Obj\\x01` or the Confluent wire format's 0x00)",
+            payload.len(),
+            head.join(" ")
+        )))
     }
 
     /// Decodes a payload's alert record.
@@ -206,7 +223,15 @@ impl Decoder {
     /// [`AvroError`] saying why: not an alert form, a schema that can't be
     /// found or parsed, bad data.
     pub fn decode(&self, payload: &Bytes) -> Result<Alert, AvroError> {
-        self.read(payload, false)
+        self.decode_as(payload, &self.form(payload)?)
+    }
+
+    /// [`Decoder::decode`] of a payload whose form is known.
+    ///
+    /// # Errors
+    /// As [`Decoder::decode`].
+    pub fn decode_as(&self, payload: &Bytes, form: &Form) -> Result<Alert, AvroError> {
+        self.read(payload, form, false)
     }
 
     /// Decodes only the alert's head: the root fields before the first one
@@ -220,66 +245,95 @@ impl Decoder {
     /// # Errors
     /// As [`Decoder::decode`], for the part decoded.
     pub fn decode_head(&self, payload: &Bytes) -> Result<Alert, AvroError> {
-        self.read(payload, true)
+        self.decode_head_as(payload, &self.form(payload)?)
     }
 
-    fn read(&self, payload: &Bytes, head_only: bool) -> Result<Alert, AvroError> {
+    /// [`Decoder::decode_head`] of a payload whose form is known.
+    ///
+    /// # Errors
+    /// As [`Decoder::decode`], for the part decoded.
+    pub fn decode_head_as(&self, payload: &Bytes, form: &Form) -> Result<Alert, AvroError> {
+        self.read(payload, form, true)
+    }
+
+    fn read(&self, payload: &Bytes, form: &Form, head_only: bool) -> Result<Alert, AvroError> {
         let mut decoded = Decoded::default();
-        if payload.starts_with(CONTAINER_MAGIC) {
-            let c = container(payload)?;
-            let schema = self.container_schema(c.schema)?;
-            let survey = Survey::of_schema(&schema);
-            let head = head_only.then(|| head_of(&schema)).flatten();
-            if head.is_some() {
-                decoded.arena.reserve(256);
-                avro::decode_head(&schema, payload, c.data, &mut decoded)?;
-            } else {
-                decoded.arena.reserve(4096);
-                avro::decode(&schema, payload, c.data, &mut decoded)?;
-            }
-            return Alert::new(payload.clone(), schema, decoded, survey, None, head);
-        }
-        if let Some(id) = wire_schema_id(payload) {
-            let schema = self.wire.get(id)?;
-            let trusted = head_only
-                && self
-                    .verified
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains(&id);
-            let head = trusted.then(|| head_of(&schema)).flatten();
-            let named = |e: AvroError| AvroError(format!("schema id {id}: {e}"));
-            decoded.arena.reserve(256);
-            if head.is_some() {
-                avro::decode_head(&schema, payload, 5, &mut decoded).map_err(named)?;
-            } else {
-                let end = avro::decode(&schema, payload, 5, &mut decoded).map_err(named)?;
-                if end != payload.len() {
-                    return Err(named(AvroError(format!(
-                        "{} bytes left over after the alert (wrong schema?)",
-                        payload.len() - end
-                    ))));
+        match *form {
+            Form::Container { ref schema, data } => {
+                let head = head_only.then(|| head_of(schema)).flatten();
+                if head.is_some() {
+                    decoded.arena.reserve(256);
+                    avro::decode_head(schema, payload, data, &mut decoded)?;
+                } else {
+                    decoded.arena.reserve(4096);
+                    avro::decode(schema, payload, data, &mut decoded)?;
                 }
-                self.verified
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(id);
+                let survey = Survey::of_schema(schema);
+                Alert::new(
+                    payload.clone(),
+                    Arc::clone(schema),
+                    decoded,
+                    survey,
+                    None,
+                    head,
+                )
             }
-            return Alert::new(
-                payload.clone(),
-                schema,
-                decoded,
-                Survey::Lsst,
-                Some(id),
-                head,
-            );
+            Form::Wire(id) => {
+                let schema = self.wire.get(id)?;
+                let trusted = head_only
+                    && self
+                        .verified
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(&id);
+                let head = trusted.then(|| head_of(&schema)).flatten();
+                let named = |e: AvroError| AvroError(format!("schema id {id}: {e}"));
+                decoded.arena.reserve(256);
+                if head.is_some() {
+                    avro::decode_head(&schema, payload, 5, &mut decoded).map_err(named)?;
+                } else {
+                    let end = avro::decode(&schema, payload, 5, &mut decoded).map_err(named)?;
+                    if end != payload.len() {
+                        return Err(named(AvroError(format!(
+                            "{} bytes left over after the alert (wrong schema?)",
+                            payload.len() - end
+                        ))));
+                    }
+                    self.verified
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id);
+                }
+                Alert::new(
+                    payload.clone(),
+                    schema,
+                    decoded,
+                    Survey::Lsst,
+                    Some(id),
+                    head,
+                )
+            }
         }
-        let head: Vec<String> = payload.iter().take(4).map(|b| format!("{b:02x}")).collect();
-        Err(AvroError(format!(
-            "not an alert: {} bytes starting {} (expected an Avro container `Obj\\x01` or the Confluent wire format's 0x00)",
-            payload.len(),
-            head.join(" ")
-        )))
+    }
+}
+
+/// A payload's form, known from its first bytes without decoding the alert.
+#[derive(Debug, Clone)]
+pub enum Form {
+    /// An Avro container file: its parsed schema, and where the datum starts.
+    Container { schema: Arc<Schema>, data: usize },
+    /// Confluent's wire format, with this schema id.
+    Wire(u32),
+}
+
+impl Form {
+    /// The survey: by the container schema's name, or Rubin for the wire
+    /// format.
+    pub fn survey(&self) -> Survey {
+        match self {
+            Form::Container { schema, .. } => Survey::of_schema(schema),
+            Form::Wire(_) => Survey::Lsst,
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::alert::avro::Value;
-use crate::alert::{Alert, Decoder, Survey};
+use crate::alert::{Alert, Decoder, Form, Survey};
 use crate::envelope::Header;
 use crate::hook::{Decision, Hook, HookError, MessageView};
 
@@ -76,6 +76,7 @@ pub struct ScriptMessage {
     pub headers: Arc<[Header]>,
     pub payload: Bytes,
     decoder: Arc<Decoder>,
+    form: std::sync::OnceLock<Result<Form, String>>,
     alert: std::sync::OnceLock<Result<AlertRecord, String>>,
 }
 
@@ -98,6 +99,7 @@ pub struct AlertRecord {
 struct Rest {
     decoder: Arc<Decoder>,
     payload: Bytes,
+    form: Form,
     whole: std::sync::OnceLock<Result<Arc<Alert>, String>>,
 }
 
@@ -105,7 +107,7 @@ impl Rest {
     fn whole(&self) -> Result<AlertRecord, String> {
         match self.whole.get_or_init(|| {
             self.decoder
-                .decode(&self.payload)
+                .decode_as(&self.payload, &self.form)
                 .map(Arc::new)
                 .map_err(|e| format!("{NOT_AN_ALERT}: {e}"))
         }) {
@@ -171,6 +173,7 @@ impl ScriptMessage {
     pub fn new(view: &MessageView<'_>, decoder: &Arc<Decoder>) -> ScriptMessage {
         ScriptMessage {
             decoder: Arc::clone(decoder),
+            form: std::sync::OnceLock::new(),
             alert: std::sync::OnceLock::new(),
             topic: Arc::clone(view.topic_shared()),
             partition: view.partition(),
@@ -190,6 +193,7 @@ impl ScriptMessage {
     pub fn placeholder(decoder: &Arc<Decoder>) -> ScriptMessage {
         ScriptMessage {
             decoder: Arc::clone(decoder),
+            form: std::sync::OnceLock::new(),
             alert: std::sync::OnceLock::new(),
             topic: Arc::from(""),
             partition: 0,
@@ -203,10 +207,20 @@ impl ScriptMessage {
 
     /// The survey, from the payload's form.
     pub fn survey(&self) -> Survey {
-        match self.alert.get() {
-            Some(Ok(a)) => a.alert.survey,
-            _ => self.decoder.survey(&self.payload),
-        }
+        self.form().map_or(Survey::Unknown, Form::survey)
+    }
+
+    /// The payload's form (container schema or wire-format id), looked up
+    /// once per message for `survey` and `alert` both.
+    fn form(&self) -> Result<&Form, String> {
+        self.form
+            .get_or_init(|| {
+                self.decoder
+                    .form(&self.payload)
+                    .map_err(|e| format!("{NOT_AN_ALERT}: {e}"))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// The Confluent wire-format schema id (Rubin), from the header alone.
@@ -241,15 +255,17 @@ impl ScriptMessage {
     pub fn alert(&self) -> Result<AlertRecord, String> {
         self.alert
             .get_or_init(|| {
+                let form = self.form()?;
                 let head = self
                     .decoder
-                    .decode_head(&self.payload)
+                    .decode_head_as(&self.payload, form)
                     .map(Arc::new)
                     .map_err(|e| format!("{NOT_AN_ALERT}: {e}"))?;
                 let rest = (!head.is_complete()).then(|| {
                     Arc::new(Rest {
                         decoder: Arc::clone(&self.decoder),
                         payload: self.payload.clone(),
+                        form: form.clone(),
                         whole: std::sync::OnceLock::new(),
                     })
                 });
