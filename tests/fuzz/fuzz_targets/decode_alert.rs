@@ -1,6 +1,8 @@
 //! Any payload through the alert decoder: containers with whatever schema
 //! they embed, and wire-format packets against the real Rubin schemas.
 //! Every field of a decoded alert is walked, as a script or `tail` would.
+//! A head-only decode of the same payload must agree with the whole one on
+//! every field it decoded, and must not fail where the whole one succeeds.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -56,8 +58,24 @@ fuzz_target!(|data: &[u8]| {
     let payload = bytes::Bytes::copy_from_slice(data);
     let d = decoder();
     let _ = d.survey(&payload);
-    if let Ok(alert) = d.decode(&payload) {
-        walk(&alert, alert.root(), 0);
+    let whole = d.decode(&payload);
+    if let Ok(alert) = &whole {
+        walk(alert, alert.root(), 0);
         let _ = alert.to_json(alert.root());
     }
+    let head = d.decode_head(&payload);
+    if let Ok(head) = &head {
+        walk(head, head.root(), 0);
+        if let Ok(whole) = &whole {
+            for (name, value) in head.fields(head.root()) {
+                let other = whole.field(whole.root(), name).expect("a head field");
+                assert_eq!(head.to_json(value), whole.to_json(other), "field {name}");
+            }
+        }
+    }
+    assert!(
+        whole.is_err() || head.is_ok(),
+        "the head failed where the whole decoded: {:?}",
+        head.err()
+    );
 });
