@@ -4,7 +4,7 @@
 //!
 //! Invariants: it runs on its own thread, reads only atomics and short
 //! mutexes, answers one request per connection and never blocks the
-//! pipeline; a slow or broken client is dropped after [`CLIENT_TIMEOUT`].
+//! pipeline; a slow or broken client is dropped after `CLIENT_TIMEOUT`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -3,7 +3,7 @@
 //! Invariants: the AST is compiled once and shared; each worker has its own
 //! `Engine` (one engine shared by threads serialises them on its string
 //! interner); limits on operations, strings, arrays, maps and call depth are
-//! set in one place ([`engine`]); there is no file access and no `eval`;
+//! set in one place (`engine`); there is no file access and no `eval`;
 //! `print` and `debug` go to the program's log.
 
 use std::path::PathBuf;

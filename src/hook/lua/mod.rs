@@ -6,7 +6,7 @@
 //! bytecode), `dofile`/`loadfile` are gone; an instruction-count hook stops a
 //! call after `max_operations` VM instructions, and the state's memory is
 //! capped; `print` goes to the program's log. Each worker's `msg` is one
-//! table, refilled for every call ([`stack`] makes the call); new keys are
+//! table, refilled for every call (`stack` makes the call); new keys are
 //! refused, and the fields that cost something come from its metatable,
 //! read from the message of the call in progress only.
 
