@@ -189,22 +189,6 @@ impl ScriptMessage {
         }
     }
 
-    /// An empty message, to be refilled.
-    pub fn placeholder(decoder: &Arc<Decoder>) -> ScriptMessage {
-        ScriptMessage {
-            decoder: Arc::clone(decoder),
-            form: std::sync::OnceLock::new(),
-            alert: std::sync::OnceLock::new(),
-            topic: Arc::from(""),
-            partition: 0,
-            offset: 0,
-            timestamp_ms: None,
-            key: None,
-            headers: no_headers(),
-            payload: Bytes::new(),
-        }
-    }
-
     /// The survey, from the payload's form.
     pub fn survey(&self) -> Survey {
         self.form().map_or(Survey::Unknown, Form::survey)
