@@ -257,63 +257,45 @@ impl Decoder {
     }
 
     fn read(&self, payload: &Bytes, form: &Form, head_only: bool) -> Result<Alert, AvroError> {
+        let (schema, start, id) = match *form {
+            Form::Container { ref schema, data } => (Arc::clone(schema), data, None),
+            Form::Wire(id) => (self.wire.get(id)?, 5, Some(id)),
+        };
+        // A container's schema is its writer's own; a wire-format one is
+        // trusted for a head once it has decoded a whole alert.
+        let trusted = head_only
+            && id.is_none_or(|id| {
+                self.verified
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&id)
+            });
+        let head = trusted.then(|| head_of(&schema)).flatten();
+        let named = |e: AvroError| match id {
+            Some(id) => AvroError(format!("schema id {id}: {e}")),
+            None => e,
+        };
         let mut decoded = Decoded::default();
-        match *form {
-            Form::Container { ref schema, data } => {
-                let head = head_only.then(|| head_of(schema)).flatten();
-                if head.is_some() {
-                    decoded.arena.reserve(256);
-                    avro::decode_head(schema, payload, data, &mut decoded)?;
-                } else {
-                    decoded.arena.reserve(4096);
-                    avro::decode(schema, payload, data, &mut decoded)?;
+        if head.is_some() {
+            decoded.arena.reserve(256);
+            avro::decode_head(&schema, payload, start, &mut decoded).map_err(named)?;
+        } else {
+            decoded.arena.reserve(4096);
+            let end = avro::decode(&schema, payload, start, &mut decoded).map_err(named)?;
+            if let Some(id) = id {
+                if end != payload.len() {
+                    return Err(named(AvroError(format!(
+                        "{} bytes left over after the alert (wrong schema?)",
+                        payload.len() - end
+                    ))));
                 }
-                let survey = Survey::of_schema(schema);
-                Alert::new(
-                    payload.clone(),
-                    Arc::clone(schema),
-                    decoded,
-                    survey,
-                    None,
-                    head,
-                )
-            }
-            Form::Wire(id) => {
-                let schema = self.wire.get(id)?;
-                let trusted = head_only
-                    && self
-                        .verified
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .contains(&id);
-                let head = trusted.then(|| head_of(&schema)).flatten();
-                let named = |e: AvroError| AvroError(format!("schema id {id}: {e}"));
-                decoded.arena.reserve(256);
-                if head.is_some() {
-                    avro::decode_head(&schema, payload, 5, &mut decoded).map_err(named)?;
-                } else {
-                    let end = avro::decode(&schema, payload, 5, &mut decoded).map_err(named)?;
-                    if end != payload.len() {
-                        return Err(named(AvroError(format!(
-                            "{} bytes left over after the alert (wrong schema?)",
-                            payload.len() - end
-                        ))));
-                    }
-                    self.verified
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(id);
-                }
-                Alert::new(
-                    payload.clone(),
-                    schema,
-                    decoded,
-                    Survey::Lsst,
-                    Some(id),
-                    head,
-                )
+                self.verified
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id);
             }
         }
+        Alert::new(payload.clone(), schema, decoded, form.survey(), id, head)
     }
 }
 
@@ -337,8 +319,9 @@ impl Form {
     }
 }
 
-/// How many root fields a head decode leaves out of `schema`'s, as the
-/// decoded-field count of a partial alert (`None`: nothing left out).
+/// How many root fields a head decode of `schema` reads, when that leaves
+/// some out (`None`: the head is the whole root, a head decode is a whole
+/// one).
 fn head_of(schema: &Schema) -> Option<usize> {
     match schema.root {
         avro::Node::Record(id) if schema.head_fields < schema.records[id as usize].fields.len() => {
