@@ -164,18 +164,17 @@ impl SourceContext {
     }
 
     fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        latest(&self.last_error)
     }
 
     fn kerberos_error(&self) -> Option<String> {
-        self.kerberos_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        latest(&self.kerberos_error)
     }
+}
+
+/// What one of the context's last-error slots holds.
+fn latest(slot: &Mutex<Option<String>>) -> Option<String> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 impl ClientContext for SourceContext {
