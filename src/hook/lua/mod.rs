@@ -173,7 +173,8 @@ fn message_table(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
                     }
                     Value::Table(t)
                 }
-                _ => Value::Function(payload.clone()),
+                b"payload" => Value::Function(payload.clone()),
+                _ => Value::Nil,
             })
         })
     })?;

@@ -231,6 +231,16 @@ unsafe fn read_returned(
     }
 }
 
+/// Whether the value on top has type `ty`; if not, `what` (`x must be a
+/// table`) with the type it has.
+unsafe fn require(state: *mut lua_State, ty: c_int, what: &str) -> Result<(), String> {
+    if ffi::lua_type(state, -1) == ty {
+        Ok(())
+    } else {
+        Err(format!("{what}, not {}", type_name(state, -1)))
+    }
+}
+
 /// One key (at -2) and value (at -1) of a returned table.
 unsafe fn read_field(state: *mut lua_State, out: &mut Returned) -> Result<(), String> {
     let key: &[u8] = if ffi::lua_type(state, -2) == ffi::LUA_TSTRING {
@@ -240,31 +250,16 @@ unsafe fn read_field(state: *mut lua_State, out: &mut Returned) -> Result<(), St
     };
     match key {
         b"keep" => {
-            if ffi::lua_type(state, -1) != ffi::LUA_TBOOLEAN {
-                return Err(format!(
-                    "`keep` must be a boolean, not {}",
-                    type_name(state, -1)
-                ));
-            }
+            require(state, ffi::LUA_TBOOLEAN, "`keep` must be a boolean")?;
             out.keep = Some(ffi::lua_toboolean(state, -1) != 0);
         }
         b"topic" => out.topics.push(text(state, -1, &|| "`topic`".into())?),
         b"topics" => {
-            if ffi::lua_type(state, -1) != ffi::LUA_TTABLE {
-                return Err(format!(
-                    "`topics` must be a table, not {}",
-                    type_name(state, -1)
-                ));
-            }
+            require(state, ffi::LUA_TTABLE, "`topics` must be a table")?;
             texts(state, ffi::lua_gettop(state), "`topics`", &mut out.topics)?;
         }
         b"attributes" => {
-            if ffi::lua_type(state, -1) != ffi::LUA_TTABLE {
-                return Err(format!(
-                    "`attributes` must be a table, not {}",
-                    type_name(state, -1)
-                ));
-            }
+            require(state, ffi::LUA_TTABLE, "`attributes` must be a table")?;
             read_attributes(state, ffi::lua_gettop(state), out)?;
         }
         b"ordering_key" => out.ordering_key = Some(text(state, -1, &|| "`ordering_key`".into())?),
