@@ -191,6 +191,26 @@ unsafe fn texts(
     Ok(())
 }
 
+/// Calls `read` with each key and value of the table at `idx` on top of the
+/// stack (key at -2, value at -1); stops at its first error. The stack is
+/// left as it was.
+unsafe fn each_pair(
+    state: *mut lua_State,
+    idx: c_int,
+    mut read: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
+    ffi::lua_pushnil(state);
+    while ffi::lua_next(state, idx) != 0 {
+        let result = read();
+        ffi::lua_pop(state, 1);
+        if result.is_err() {
+            ffi::lua_pop(state, 1);
+            return result;
+        }
+    }
+    Ok(())
+}
+
 /// Reads route()'s return value at `idx`: nothing, a boolean, a topic, a
 /// list of topics, or a table of decision keys.
 unsafe fn read_returned(
@@ -211,19 +231,7 @@ unsafe fn read_returned(
         ffi::LUA_TTABLE if ffi::lua_rawlen(state, idx) > 0 => {
             texts(state, idx, "route()'s list of topics", &mut out.topics)
         }
-        ffi::LUA_TTABLE => {
-            ffi::lua_pushnil(state);
-            while ffi::lua_next(state, idx) != 0 {
-                // [.., key, value]
-                let read = read_field(state, out);
-                ffi::lua_pop(state, 1);
-                if let Err(e) = read {
-                    ffi::lua_pop(state, 1);
-                    return Err(e);
-                }
-            }
-            Ok(())
-        }
+        ffi::LUA_TTABLE => each_pair(state, idx, || read_field(state, out)),
         _ => Err(format!(
             "route() returned a {}; expected nothing, a boolean, a topic, a list of topics or a table",
             type_name(state, idx)
@@ -283,21 +291,12 @@ unsafe fn read_attributes(
     idx: c_int,
     out: &mut Returned,
 ) -> Result<(), String> {
-    ffi::lua_pushnil(state);
-    while ffi::lua_next(state, idx) != 0 {
-        let pair = text(state, -2, &|| "an attribute name".into()).and_then(|name| {
-            let value = text(state, -1, &|| format!("attribute `{name}`"))?;
-            Ok((name, value))
-        });
-        ffi::lua_pop(state, 1);
-        match pair {
-            Ok(pair) => out.attributes.push(pair),
-            Err(e) => {
-                ffi::lua_pop(state, 1);
-                return Err(e);
-            }
-        }
-    }
+    each_pair(state, idx, || {
+        let name = text(state, -2, &|| "an attribute name".into())?;
+        let value = text(state, -1, &|| format!("attribute `{name}`"))?;
+        out.attributes.push((name, value));
+        Ok(())
+    })?;
     out.attributes.sort();
     Ok(())
 }
