@@ -59,6 +59,7 @@ fn sample_file(file: &str) -> Envelope {
         key: None,
         headers: Vec::new(),
         payload: Bytes::from(std::fs::read(path).expect("sample alert")),
+        ..Default::default()
     }
 }
 

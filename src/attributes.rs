@@ -31,6 +31,8 @@ pub const OMITTED: &str = "ztfhook.omitted";
 pub const ERROR: &str = "ztfhook.error";
 /// On a dead-lettered message: the topic it was going to.
 pub const DESTINATION: &str = "ztfhook.destination";
+/// On a published Kafka tombstone (a null value): `"true"`.
+pub const TOMBSTONE: &str = "ztfhook.tombstone";
 
 /// The names Google's Kafka Connect sink uses, so downstream code keeps working.
 pub const KAFKA_TOPIC: &str = "kafka.topic";
@@ -138,6 +140,9 @@ pub fn build(
         check(k, v)?;
         out.map.insert(k.clone(), v.clone());
     }
+    if envelope.tombstone {
+        out.map.insert(TOMBSTONE.to_string(), "true".to_string());
+    }
     if out.map.len() > MAX_ATTRIBUTES {
         return Err(Violation::TooMany(out.map.len()));
     }
@@ -191,6 +196,7 @@ mod tests {
             key: None,
             headers: Vec::new(),
             payload: Bytes::from_static(b"Obj\x01"),
+            ..Default::default()
         }
     }
 

@@ -71,6 +71,7 @@ pub fn run(
             key: None,
             headers: Vec::new(),
             payload: Bytes::from(payload),
+            ..Default::default()
         };
         let name = path.display().to_string();
         match hook.decide(&MessageView::new(&envelope)) {

@@ -258,8 +258,38 @@ pub struct Pipeline {
     pub stats_interval: Duration,
     /// `sink = "discard"`: everything up to publishing runs (hook,
     /// attributes, limits), then messages are acknowledged without being
-    /// published. For dry runs, and to measure the core's own ceiling.
+    /// published. For dry runs, and to measure the core's own ceiling. A dry
+    /// run consumes as a group of its own and never commits.
     pub discard: bool,
+    /// What a consumer error that may hide a message does.
+    pub kafka_errors: KafkaErrorPolicy,
+    /// What a Kafka record with a null value does.
+    pub tombstones: TombstonePolicy,
+    /// `/healthz` says 503 once the oldest unacknowledged message has waited
+    /// this long (or there is lag and nothing was consumed for this long).
+    pub stall_after: Duration,
+}
+
+/// `pipeline.kafka_errors`: a consumer error that may stand for a message
+/// (a corrupt record, an offset reset refused, an authorization failure on a
+/// partition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaErrorPolicy {
+    /// Stop, naming the error, without committing past it (the default).
+    Stop,
+    /// Log, count, send the coordinates to the dead-letter topic, go on.
+    Skip,
+}
+
+/// `pipeline.tombstones`: a Kafka record whose value is null.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TombstonePolicy {
+    /// Acknowledge it without publishing, and count it (the default, as
+    /// Google's Kafka connector does).
+    Skip,
+    /// Hand it to the hook (`msg.tombstone` is true) and publish it with
+    /// empty data and the attribute `ztfhook.tombstone = "true"`.
+    Publish,
 }
 
 /// Which Kafka facts become Pub/Sub attributes.
@@ -390,6 +420,9 @@ struct PipelineConfig {
     shutdown_timeout_ms: Option<Spanned<i64>>,
     stats_interval_ms: Option<Spanned<i64>>,
     sink: Option<Spanned<String>>,
+    kafka_errors: Option<Spanned<String>>,
+    tombstones: Option<Spanned<String>>,
+    stall_after_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -1011,9 +1044,9 @@ fn validate_pipeline(at: &Locator<'_>, raw: PipelineConfig) -> Result<Pipeline, 
     let commit_interval_ms = get(
         raw.commit_interval_ms,
         "pipeline.commit_interval_ms",
-        1_000,
+        100,
         10..=600_000,
-        "milliseconds between offset commits",
+        "the least milliseconds between two offset commits (a commit follows every advance of a safe offset)",
     )?;
     let shutdown_timeout_ms = get(
         raw.shutdown_timeout_ms,
@@ -1043,7 +1076,45 @@ fn validate_pipeline(at: &Locator<'_>, raw: PipelineConfig) -> Result<Pipeline, 
             }
         },
     };
+    let stall_after_ms = get(
+        raw.stall_after_ms,
+        "pipeline.stall_after_ms",
+        120_000,
+        1_000..=86_400_000,
+        "milliseconds a message may wait for Pub/Sub before /healthz says stalled",
+    )?;
+    let kafka_errors = match raw.kafka_errors {
+        None => KafkaErrorPolicy::Stop,
+        Some(s) => match s.get_ref().as_str() {
+            "stop" => KafkaErrorPolicy::Stop,
+            "skip" => KafkaErrorPolicy::Skip,
+            other => {
+                return at.invalid(
+                    s.span(),
+                    "pipeline.kafka_errors",
+                    format!("`{other}` is not a policy: stop or skip"),
+                )
+            }
+        },
+    };
+    let tombstones = match raw.tombstones {
+        None => TombstonePolicy::Skip,
+        Some(s) => match s.get_ref().as_str() {
+            "skip" => TombstonePolicy::Skip,
+            "publish" => TombstonePolicy::Publish,
+            other => {
+                return at.invalid(
+                    s.span(),
+                    "pipeline.tombstones",
+                    format!("`{other}` is not a policy: skip or publish"),
+                )
+            }
+        },
+    };
     Ok(Pipeline {
+        kafka_errors,
+        tombstones,
+        stall_after: Duration::from_millis(stall_after_ms as u64),
         discard,
         workers: workers as usize,
         max_in_flight_messages: max_in_flight_messages as usize,

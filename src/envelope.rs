@@ -18,6 +18,12 @@ pub struct Header {
 /// A Kafka message, owned.
 #[derive(Debug, Clone)]
 pub struct Envelope {
+    /// The epoch its partition was in when the consumer loop registered it
+    /// (see [`crate::offsets`]); 0 before registration.
+    pub epoch: u64,
+    /// A null value (a Kafka tombstone), told apart from an empty one:
+    /// `payload` is then empty.
+    pub tombstone: bool,
     /// Shared by every message of a partition: no allocation per message.
     pub topic: Arc<str>,
     pub partition: i32,
@@ -27,6 +33,22 @@ pub struct Envelope {
     pub key: Option<Bytes>,
     pub headers: Vec<Header>,
     pub payload: Bytes,
+}
+
+impl Default for Envelope {
+    fn default() -> Self {
+        Envelope {
+            epoch: 0,
+            tombstone: false,
+            topic: Arc::from(""),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            key: None,
+            headers: Vec::new(),
+            payload: Bytes::new(),
+        }
+    }
 }
 
 impl Envelope {

@@ -102,6 +102,20 @@ pub struct Metrics {
     /// Time in the hook, per message.
     pub hook_time: Histogram,
     pub assigned_partitions: AtomicI64,
+    /// Commits librdkafka reported as failed (each is retried).
+    pub commit_failures: AtomicU64,
+    /// Consumer errors skipped under `pipeline.kafka_errors = "skip"`.
+    pub consumer_errors_skipped: AtomicU64,
+    /// Kafka records with a null value (skipped or published).
+    pub tombstones: AtomicU64,
+    /// Messages Pub/Sub refused alone (they took the error policy).
+    pub refused: AtomicU64,
+    /// Panics caught in a hook (the hook was rebuilt).
+    pub hook_panics: AtomicU64,
+    /// How long the oldest unacknowledged message has waited, in ms.
+    pub oldest_unacknowledged_ms: AtomicU64,
+    /// Why the consumer loop thinks a partition is stalled, if it does.
+    pub stalled: Mutex<Option<String>>,
     /// Milliseconds since start when publishing began to fail without a
     /// success since; 0 when the last attempt succeeded.
     pub failing_since_ms: AtomicU64,
@@ -130,6 +144,13 @@ impl Default for Metrics {
             publish_latency: Histogram::new(PUBLISH_BOUNDS),
             hook_time: Histogram::new(HOOK_BOUNDS),
             assigned_partitions: AtomicI64::new(0),
+            commit_failures: AtomicU64::new(0),
+            consumer_errors_skipped: AtomicU64::new(0),
+            tombstones: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            hook_panics: AtomicU64::new(0),
+            oldest_unacknowledged_ms: AtomicU64::new(0),
+            stalled: Mutex::new(None),
             failing_since_ms: AtomicU64::new(0),
             started: Instant::now(),
         }
@@ -170,6 +191,14 @@ impl Metrics {
     pub fn health(&self) -> Result<(), String> {
         if self.assigned_partitions.load(Relaxed) <= 0 {
             return Err("no Kafka partitions assigned".into());
+        }
+        if let Some(why) = self
+            .stalled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(format!("stalled: {why}"));
         }
         let since = self.failing_since_ms.load(Relaxed);
         if since > 0 {
@@ -243,6 +272,31 @@ impl Metrics {
             self.commits.load(Relaxed),
         );
         counter(
+            "ztfhook_commit_failures_total",
+            "Offset commits librdkafka reported as failed (each is retried).",
+            self.commit_failures.load(Relaxed),
+        );
+        counter(
+            "ztfhook_kafka_errors_skipped_total",
+            "Consumer errors skipped and dead-lettered (pipeline.kafka_errors = \"skip\").",
+            self.consumer_errors_skipped.load(Relaxed),
+        );
+        counter(
+            "ztfhook_tombstones_total",
+            "Kafka records with a null value (skipped or published, pipeline.tombstones).",
+            self.tombstones.load(Relaxed),
+        );
+        counter(
+            "ztfhook_refused_messages_total",
+            "Messages Pub/Sub (or ztfhook's check before it) refused alone; each took the error policy.",
+            self.refused.load(Relaxed),
+        );
+        counter(
+            "ztfhook_hook_panics_total",
+            "Panics caught in a hook or the decoder (the message took hook.on_error; the hook was rebuilt).",
+            self.hook_panics.load(Relaxed),
+        );
+        counter(
             "ztfhook_script_reloads_total",
             "Hook scripts swapped in while running.",
             reloads.0,
@@ -290,6 +344,11 @@ impl Metrics {
             "ztfhook_assigned_partitions",
             "Kafka partitions assigned to this instance.",
             self.assigned_partitions.load(Relaxed),
+        );
+        gauge(
+            "ztfhook_oldest_unacknowledged_seconds",
+            "How long the oldest message not yet acknowledged by Pub/Sub has waited (a stall shows here).",
+            (self.oldest_unacknowledged_ms.load(Relaxed) / 1000) as i64,
         );
         gauge(
             "ztfhook_healthy",

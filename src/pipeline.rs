@@ -1,50 +1,46 @@
-//! The bridge: the consumer loop, the crossbeam worker pool, back-pressure and
-//! the drain at shutdown.
+//! The bridge's wiring: checks and builds everything, starts the consumer
+//! loop ([`crate::source::consumer`]), the crossbeam worker pool and the
+//! sink, and waits for them.
 //!
 //! ```text
-//!  consumer thread ──bounded channel──▶ workers (hook, attributes, limits)
-//!        ▲                                   │ publish (never blocks)
-//!        │                                   ▼
-//!        └──────────── acks ◀──────── Pub/Sub publishers (tokio)
+//!  consumer loop ──one bounded queue per worker──▶ workers (hook, attributes, limits)
+//!        ▲             (a partition, one worker)        │ publish (never blocks)
+//!        │                                              ▼
+//!        └──────────────── acks ◀─────────────── Pub/Sub publishers (tokio)
 //! ```
 //!
 //! Invariants:
-//! - a message is registered with the ledger before any worker sees it, and
-//!   its offset is committed only once it and every earlier message of its
-//!   partition are acknowledged;
-//! - consumption pauses while `max_in_flight_messages` or
-//!   `max_in_flight_bytes` are reached, so memory stays bounded when Pub/Sub is
-//!   slow or down;
 //! - all workers and their hooks are built before any starts, so a bad hook
-//!   fails before a message is consumed.
+//!   fails before a message is consumed;
+//! - a partition's messages always go to the same worker, so they reach the
+//!   publisher in offset order;
+//! - a panic in a hook (or the alert decoder under it) is caught: the message
+//!   takes `hook.on_error` and the worker builds a fresh hook; a worker thread
+//!   that dies anyway fails the bridge.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver};
 use google_cloud_pubsub::client::Publisher;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 
 use crate::attributes::{self, MAX_MESSAGE_BYTES};
 use crate::config::{Config, ErrorPolicy, TopicName};
 use crate::envelope::Envelope;
 use crate::hook::{Decision, Hook, HookFactory, MessageView};
-use crate::metrics::{Metrics, StatsLine};
+use crate::metrics::Metrics;
 use crate::offsets::{Ack, Outcome};
 use crate::shutdown::Shutdown;
 use crate::sink::pubsub::{check_topics, Delivery, Endpoint, PubsubSink, SinkError};
-use crate::source::kafka::{self, Ledger, Printable, SourceContext, SourceError};
+use crate::source::consumer::{ConsumerLoop, Ledger, Settings};
+use crate::source::kafka::{self, KafkaSource, SourceContext, SourceError};
 use crate::source::subscription::{Clock, Subscription, SystemClock};
 
 /// Messages waiting for a worker, per worker.
 const QUEUE_PER_WORKER: usize = 64;
-/// How long the in-flight bound may stay reached before the partitions are
-/// paused (until then the consumer only waits for acknowledgements).
-const PAUSE_AFTER: Duration = Duration::from_secs(1);
-/// How often the consumer looks at the UTC date, for nightly templates.
-const DATE_CHECK: Duration = Duration::from_secs(5);
 /// Room in a publish request for the topic name and the message's framing.
 const REQUEST_OVERHEAD: usize = 1_024;
 
@@ -96,7 +92,7 @@ pub fn run(
 /// # Errors
 /// As [`run`].
 pub fn run_with_clock(
-    config: Config,
+    mut config: Config,
     hooks: Arc<dyn HookFactory>,
     shutdown: Arc<Shutdown>,
     clock: Arc<dyn Clock>,
@@ -119,7 +115,17 @@ pub fn run_with_clock(
     let endpoint = Endpoint::resolve(config.pubsub.endpoint.as_deref());
     tracing::info!("publishing to {endpoint}");
     if config.pipeline.discard {
-        tracing::warn!("pipeline.sink = \"discard\": nothing is published (a dry run)");
+        // A dry run must not move (or take partitions from) the real group.
+        let group = format!(
+            "{}.discard.{}",
+            config.kafka.group_id(),
+            std::process::id()
+        );
+        tracing::warn!(
+            "pipeline.sink = \"discard\": nothing is published, and nothing committed; consuming as group `{group}`, so the real group `{}` is neither joined nor moved (a dry run)",
+            config.kafka.group_id()
+        );
+        config.kafka.properties.insert("group.id".into(), group);
     } else {
         runtime.block_on(check_topics(&endpoint, &config.pubsub_topics()))?;
     }
@@ -138,6 +144,7 @@ pub fn run_with_clock(
         workers.push(Worker::new(
             &config,
             hook,
+            Arc::clone(&hooks),
             Arc::clone(&sink),
             ack_tx.clone(),
             Arc::clone(&metrics),
@@ -147,17 +154,15 @@ pub fn run_with_clock(
     drop(ack_tx);
     tracing::info!("hook {} on {} workers", hooks.name(), workers.len());
 
-    let context = SourceContext::new(
-        Ledger::new(ack_rx, Arc::clone(&metrics)),
-        Arc::clone(&metrics),
-    );
+    let ledger = Arc::new(Mutex::new(Ledger::new(ack_rx, Arc::clone(&metrics))));
+    let context = SourceContext::new(Arc::clone(&ledger), Arc::clone(&metrics));
     let consumer = kafka::create(&config, context)?;
     let subscription = Subscription::new(
         config.kafka.topics.clone(),
         config.kafka.previous_nights,
         clock,
     );
-    let mut subscribed = kafka::check_and_subscribe(&consumer, &config, &subscription)?;
+    let subscribed = kafka::check_and_subscribe(&consumer, &config, &subscription)?;
     tracing::info!(
         "consuming {:?} as group `{}` from {}",
         subscribed,
@@ -171,158 +176,53 @@ pub fn run_with_clock(
 
     runtime.spawn(crate::shutdown::listen_for_signals(Arc::clone(&shutdown)));
 
-    let (work_tx, work_rx) = bounded::<Envelope>(QUEUE_PER_WORKER * workers.len());
+    let mut queues = Vec::with_capacity(workers.len());
     let threads: Vec<_> = workers
         .into_iter()
         .enumerate()
         .map(|(i, w)| {
-            let rx = work_rx.clone();
+            let (tx, rx) = bounded::<Envelope>(QUEUE_PER_WORKER);
+            queues.push(tx);
+            let shutdown = Arc::clone(&shutdown);
             std::thread::Builder::new()
                 .name(format!("ztfhook-worker-{i}"))
-                .spawn(move || w.run(rx))
+                .spawn(move || {
+                    let _guard = FailOnPanic(shutdown, i);
+                    w.run(rx)
+                })
                 .expect("spawning a worker thread")
         })
         .collect();
-    drop(work_rx);
 
-    // The consumer loop: register, hand out, apply acks, pause when full, commit.
-    let limits = config.pipeline;
-    let mut topics = HashMap::new();
-    let mut paused = false;
-    let mut full_since: Option<Instant> = None;
-    let mut last_commit = Instant::now();
-    let mut last_date_check = Instant::now();
-    let mut stats = StatsLine::new(&metrics);
-    while !shutdown.is_stopping() {
-        let full = {
-            let mut ledger = consumer.context().ledger();
-            ledger.drain();
-            ledger.tracker.in_flight_messages() >= limits.max_in_flight_messages
-                || ledger.tracker.in_flight_bytes() >= limits.max_in_flight_bytes
-        };
-        if consumer
-            .context()
-            .assignment_changed
-            .swap(false, Ordering::SeqCst)
-        {
-            paused = false;
-            let assigned = consumer.assignment().map_or(0, |a| a.count());
-            metrics
-                .assigned_partitions
-                .store(assigned as i64, Ordering::Relaxed);
-        }
-        // Full: first just wait for acknowledgements without polling (what
-        // librdkafka has prefetched stays in its queue, bounded by
-        // queued.max.messages.kbytes). Only a stall longer than PAUSE_AFTER
-        // pauses the partitions, which purges librdkafka's prefetch, so that
-        // polling (the group protocol, rebalances) goes on through a long
-        // Pub/Sub outage.
-        if full {
-            let since = *full_since.get_or_insert_with(Instant::now);
-            if !paused && since.elapsed() >= PAUSE_AFTER {
-                set_paused(&consumer, true);
-                paused = true;
-            }
-            if !paused {
-                consumer
-                    .context()
-                    .ledger()
-                    .drain_wait(Duration::from_millis(5));
-                maintain(&consumer, &mut last_commit, &limits, &metrics, &mut stats);
-                continue;
-            }
-        } else {
-            full_since = None;
-            if paused {
-                set_paused(&consumer, false);
-                paused = false;
-            }
-        }
-        let wait = if paused {
-            Duration::from_millis(5)
-        } else {
-            Duration::from_millis(100)
-        };
-        match consumer.poll(wait) {
-            Some(Ok(message)) => {
-                let envelope = kafka::envelope(&message, &mut topics);
-                drop(message);
-                let size = envelope.size();
-                consumer.context().ledger().tracker.register(
-                    &crate::offsets::PartitionKey {
-                        topic: Arc::clone(&envelope.topic),
-                        partition: envelope.partition,
-                    },
-                    envelope.offset,
-                    size,
-                );
-                metrics.consumed.fetch_add(1, Ordering::Relaxed);
-                metrics
-                    .consumed_bytes
-                    .fetch_add(envelope.payload.len() as u64, Ordering::Relaxed);
-                if work_tx.send(envelope).is_err() {
-                    shutdown.fail("all workers stopped");
-                }
-            }
-            Some(Err(e)) => tracing::warn!("kafka: {e}"),
-            None => {}
-        }
-        if subscription.has_templates() && last_date_check.elapsed() >= DATE_CHECK {
-            last_date_check = Instant::now();
-            let now = subscription.patterns();
-            if now != subscribed {
-                tracing::info!("the UTC date changed: subscribing to {now:?}");
-                match kafka::subscribe(&consumer, &now) {
-                    Ok(()) => subscribed = now,
-                    Err(e) => tracing::warn!("{e}"),
-                }
-            }
-        }
-        maintain(&consumer, &mut last_commit, &limits, &metrics, &mut stats);
-    }
-
-    // Drain: stop fetching, let the workers finish the queue, wait for Pub/Sub.
-    tracing::info!("stopping: no more fetches; draining in-flight messages");
-    set_paused(&consumer, true);
-    drop(work_tx);
-    let deadline = Instant::now() + limits.shutdown_timeout;
-    let abandoned = loop {
-        let unresolved = {
-            let mut ledger = consumer.context().ledger();
-            ledger.drain_wait(Duration::from_millis(20));
-            ledger.unresolved()
-        };
-        if unresolved == 0 {
-            break 0;
-        }
-        if Instant::now() >= deadline {
-            tracing::warn!(
-                "{unresolved} messages still unacknowledged after {:?}: not committed; they will be consumed again",
-                limits.shutdown_timeout
-            );
-            break unresolved;
-        }
-        // Keeps the group session alive; anything fetched is not registered
-        // and so never committed.
-        let _ = consumer.poll(Duration::ZERO);
+    let dead_letter_sink = Arc::clone(&sink);
+    let settings = Settings {
+        limits: config.pipeline,
+        kafka_errors: config.pipeline.kafka_errors,
+        tombstones: config.pipeline.tombstones,
+        commits: !config.pipeline.discard,
+        stall_after: config.pipeline.stall_after,
     };
-    let commits = {
-        let ledger = consumer.context().ledger();
-        ledger.tracker.safe_offsets()
-    };
-    match kafka::commit(&consumer, &commits, CommitMode::Sync) {
-        Ok(()) => tracing::info!("committed {:?}", Printable(&commits)),
-        Err(e) => tracing::warn!("final {e}"),
-    }
-    consumer.context().closing.store(true, Ordering::SeqCst);
-    if abandoned == 0 {
+    let mut consumer_loop = ConsumerLoop::new(
+        KafkaSource::new(consumer),
+        Arc::clone(&ledger),
+        queues,
+        settings,
+        Box::new(move |envelope, reason| {
+            dead_letter_sink.dead_letter(envelope, None, reason, false);
+        }),
+        Arc::clone(&metrics),
+        Arc::clone(&shutdown),
+        Some((subscription, subscribed)),
+    );
+    let drained = consumer_loop.run();
+    if drained.abandoned == 0 {
         for t in threads {
             let _ = t.join();
         }
     }
-    consumer.context().ledger().publish_gauges();
-    stats.log(&metrics);
-    drop(consumer);
+    // Closing the consumer leaves the group (its revoke neither waits nor
+    // commits again: the loop is closing).
+    drop(consumer_loop.into_source());
     runtime.shutdown_timeout(Duration::from_secs(1));
 
     let summary = Summary {
@@ -330,7 +230,7 @@ pub fn run_with_clock(
         published: metrics.published.load(Ordering::Relaxed),
         dropped: metrics.dropped.load(Ordering::Relaxed),
         dead_lettered: metrics.dead_lettered.load(Ordering::Relaxed),
-        abandoned,
+        abandoned: drained.abandoned,
     };
     match shutdown.fatal() {
         Some(error) => Err(BridgeError::Fatal(error.to_string())),
@@ -338,63 +238,26 @@ pub fn run_with_clock(
     }
 }
 
-/// The consumer loop's periodic chores: an asynchronous commit of the safe
-/// offsets every `commit_interval`, and the stats line.
-fn maintain(
-    consumer: &BaseConsumer<SourceContext>,
-    last_commit: &mut Instant,
-    limits: &crate::config::Pipeline,
-    metrics: &Metrics,
-    stats: &mut StatsLine,
-) {
-    if last_commit.elapsed() >= limits.commit_interval {
-        let commits = consumer.context().ledger().tracker.take_commits();
-        if let Err(e) = kafka::commit(consumer, &commits, CommitMode::Async) {
-            tracing::warn!("{e}");
-            let mut ledger = consumer.context().ledger();
-            for (k, _) in &commits {
-                ledger.tracker.commit_failed(k);
-            }
-        } else if !commits.is_empty() {
-            metrics.commits.fetch_add(1, Ordering::Relaxed);
-        }
-        *last_commit = Instant::now();
-    }
-    // The in-flight gauges stay current for /metrics, stats line or not.
-    consumer.context().ledger().publish_gauges();
-    if stats.due(limits.stats_interval) {
-        stats.log(metrics);
-    }
-}
+/// Fails the bridge if a worker thread unwinds (a panic the worker did not
+/// catch): its partitions could go no further.
+struct FailOnPanic(Arc<Shutdown>, usize);
 
-fn set_paused(consumer: &BaseConsumer<SourceContext>, pause: bool) {
-    let Ok(assignment) = consumer.assignment() else {
-        return;
-    };
-    if assignment.count() == 0 {
-        return;
-    }
-    let result = if pause {
-        consumer.pause(&assignment)
-    } else {
-        consumer.resume(&assignment)
-    };
-    match result {
-        Ok(()) => tracing::debug!(
-            "kafka: {} {} partitions",
-            if pause { "paused" } else { "resumed" },
-            assignment.count()
-        ),
-        Err(e) => tracing::warn!(
-            "kafka: cannot {} partitions: {e}",
-            if pause { "pause" } else { "resume" }
-        ),
+impl Drop for FailOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail(format!(
+                "worker {} died (a panic outside the hook); the bridge stops",
+                self.1
+            ));
+        }
     }
 }
 
 /// One worker thread: applies the hook and hands the message to the sink.
 struct Worker {
     hook: Box<dyn Hook>,
+    /// To build a fresh hook after a panic.
+    hooks: Arc<dyn HookFactory>,
     sink: Arc<PubsubSink>,
     acks: crossbeam_channel::Sender<Ack>,
     metrics: Arc<Metrics>,
@@ -416,6 +279,7 @@ impl Worker {
     fn new(
         config: &Config,
         hook: Box<dyn Hook>,
+        hooks: Arc<dyn HookFactory>,
         sink: Arc<PubsubSink>,
         acks: crossbeam_channel::Sender<Ack>,
         metrics: Arc<Metrics>,
@@ -425,6 +289,7 @@ impl Worker {
         let default_publisher = vec![sink.publisher(&default_topic)];
         Worker {
             hook,
+            hooks,
             sink,
             acks,
             metrics,
@@ -448,11 +313,22 @@ impl Worker {
 
     fn handle(&mut self, envelope: Envelope) {
         let started = Instant::now();
-        let decided = self.hook.decide(&MessageView::new(&envelope));
+        let view = MessageView::new(&envelope);
+        let hook = &mut self.hook;
+        let decided = std::panic::catch_unwind(AssertUnwindSafe(|| hook.decide(&view)));
         self.metrics.hook_time.observe(started.elapsed());
         let decision = match decided {
-            Ok(d) => d,
-            Err(e) => return self.hook_failed(envelope, e.to_string()),
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => return self.hook_failed(envelope, e.to_string()),
+            Err(panic) => {
+                let what = panic_text(&panic);
+                self.metrics.hook_panics.fetch_add(1, Ordering::Relaxed);
+                match self.hooks.build() {
+                    Ok(fresh) => self.hook = fresh,
+                    Err(e) => tracing::warn!("cannot rebuild the hook after a panic: {e}; keeping it"),
+                }
+                return self.hook_failed(envelope, format!("the hook panicked: {what}"));
+            }
         };
         if !decision.keep {
             let _ = self.acks.send(Ack::new(&envelope, Outcome::Dropped));
@@ -601,5 +477,16 @@ impl Worker {
             }
         }
         Ok((topics, publishers))
+    }
+}
+
+/// A panic's message, where it has one.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
     }
 }

@@ -106,6 +106,7 @@ fn envelope(payload: Vec<u8>) -> Envelope {
         key: None,
         headers: Vec::new(),
         payload: Bytes::from(payload),
+        ..Default::default()
     }
 }
 

@@ -28,6 +28,7 @@ fn envelope(topic: &str, offset: i64, payload: Vec<u8>) -> Envelope {
         key: None,
         headers: Vec::new(),
         payload: Bytes::from(payload),
+        ..Default::default()
     }
 }
 

@@ -445,6 +445,7 @@ pub fn compile_source(
         key: None,
         headers: Vec::new(),
         payload: Bytes::from_static(b"Obj\x01"),
+        ..Default::default()
     };
     match hook.decide(&MessageView::new(&envelope)) {
         Err(e) if !e.message.contains(NOT_AN_ALERT) => Err(e),

@@ -5,23 +5,19 @@
 //! - librdkafka never commits or stores offsets by itself
 //!   (`enable.auto.commit=false`, `enable.auto.offset.store=false`); every
 //!   commit comes from the [`Ledger`]'s safe offsets;
-//! - on a partition revoke, the consumer waits (bounded) for that partition's
-//!   in-flight messages, commits its safe offset synchronously, and only then
-//!   lets the partition go, so its next owner starts where Pub/Sub's
-//!   acknowledgements end;
-//! - the ledger is touched only by the consumer thread (the rebalance callback
-//!   runs inside `poll`, on that thread): its mutex is never contended.
+//! - the rebalance and commit callbacks only hand their news to the consumer
+//!   loop's ledger ([`crate::source::consumer`]), which owns what they change;
+//!   they run inside `poll`, on the loop's thread.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crossbeam_channel::Receiver;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
@@ -29,13 +25,12 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use crate::config::Config;
 use crate::envelope::{Envelope, Header};
 use crate::metrics::Metrics;
-use crate::offsets::{Ack, OffsetTracker, Outcome, PartitionKey};
+use crate::offsets::PartitionKey;
+use crate::source::consumer::{lock, ConsumeError, Partitions, Polled, SharedLedger, Source};
 use crate::source::subscription::Subscription;
 
 /// How long the start-up check waits for the brokers.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long a revoke waits for the revoked partitions' in-flight messages.
-const REVOKE_WAIT: Duration = Duration::from_secs(30);
 
 /// Errors from the Kafka side; each names its subject.
 #[derive(Debug, thiserror::Error)]
@@ -57,89 +52,11 @@ pub enum SourceError {
     Commit(String),
 }
 
-/// The consumer thread's book of in-flight messages and acknowledgements.
-pub struct Ledger {
-    pub tracker: OffsetTracker,
-    acks: Receiver<Ack>,
-    /// Messages acknowledged as `Failed`: resolved, but never committable.
-    failed: usize,
-    metrics: Arc<Metrics>,
-}
-
-impl Ledger {
-    pub fn new(acks: Receiver<Ack>, metrics: Arc<Metrics>) -> Ledger {
-        Ledger {
-            tracker: OffsetTracker::new(),
-            acks,
-            failed: 0,
-            metrics,
-        }
-    }
-
-    fn apply(&mut self, ack: Ack) {
-        let m = &self.metrics;
-        match ack.outcome {
-            Outcome::Failed => {
-                self.failed += 1;
-                m.failed.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Outcome::Published { bytes } => {
-                m.published.fetch_add(1, Ordering::Relaxed);
-                m.published_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-            }
-            Outcome::Dropped => {
-                m.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            Outcome::DeadLettered => {
-                m.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.tracker.ack(&ack.key, ack.offset);
-    }
-
-    /// Applies every acknowledgement waiting, without blocking.
-    pub fn drain(&mut self) {
-        while let Ok(ack) = self.acks.try_recv() {
-            self.apply(ack);
-        }
-    }
-
-    /// Waits up to `timeout` for one acknowledgement, then drains the rest.
-    pub fn drain_wait(&mut self, timeout: Duration) {
-        if let Ok(ack) = self.acks.recv_timeout(timeout) {
-            self.apply(ack);
-        }
-        self.drain();
-    }
-
-    /// Messages in flight that may still be acknowledged.
-    pub fn unresolved(&self) -> usize {
-        self.tracker
-            .in_flight_messages()
-            .saturating_sub(self.failed)
-    }
-
-    /// Updates the in-flight gauges.
-    pub fn publish_gauges(&self) {
-        self.metrics
-            .in_flight_messages
-            .store(self.tracker.in_flight_messages() as u64, Ordering::Relaxed);
-        self.metrics
-            .in_flight_bytes
-            .store(self.tracker.in_flight_bytes() as u64, Ordering::Relaxed);
-    }
-}
-
-/// librdkafka callbacks: rebalances, statistics, errors.
+/// librdkafka callbacks: statistics, errors, and rebalances and commit
+/// answers, which go to the consumer loop's [`Ledger`].
 pub struct SourceContext {
-    pub ledger: Mutex<Ledger>,
+    ledger: SharedLedger,
     metrics: Arc<Metrics>,
-    /// Set after every rebalance: a new assignment starts unpaused.
-    pub assignment_changed: AtomicBool,
-    /// Set at shutdown: a revoke then commits without waiting for in-flight
-    /// messages (the drain already waited for them).
-    pub closing: AtomicBool,
     /// The last error librdkafka reported, to explain a failed start-up check.
     last_error: Mutex<Option<String>>,
     /// The last failed Kerberos login (librdkafka's `kinit` run), likewise.
@@ -147,20 +64,13 @@ pub struct SourceContext {
 }
 
 impl SourceContext {
-    pub fn new(ledger: Ledger, metrics: Arc<Metrics>) -> SourceContext {
+    pub(crate) fn new(ledger: SharedLedger, metrics: Arc<Metrics>) -> SourceContext {
         SourceContext {
-            ledger: Mutex::new(ledger),
+            ledger,
             metrics,
-            assignment_changed: AtomicBool::new(false),
-            closing: AtomicBool::new(false),
             last_error: Mutex::new(None),
             kerberos_error: Mutex::new(None),
         }
-    }
-
-    /// The ledger; never contended (see the module doc).
-    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
-        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn last_error(&self) -> Option<String> {
@@ -238,64 +148,151 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            return;
-        };
-        let revoked: Vec<PartitionKey> = tpl
-            .elements()
-            .iter()
-            .map(|e| PartitionKey {
-                topic: Arc::from(e.topic()),
-                partition: e.partition(),
-            })
-            .collect();
-        let mut ledger = self.ledger();
-        let deadline = Instant::now() + REVOKE_WAIT;
-        if !self.closing.load(Ordering::SeqCst) {
-            while revoked
-                .iter()
-                .map(|k| ledger.tracker.pending_in(k))
-                .sum::<usize>()
-                > 0
-                && Instant::now() < deadline
-            {
-                ledger.drain_wait(Duration::from_millis(20));
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                tracing::info!("kafka: revoking {}", describe(tpl));
+                lock(&self.ledger).on_revoke(&keys(tpl), consumer);
             }
-        }
-        let commits: Vec<_> = ledger
-            .tracker
-            .safe_offsets()
-            .into_iter()
-            .filter(|(k, _)| revoked.contains(k))
-            .collect();
-        match commit(consumer, &commits, CommitMode::Sync) {
-            Ok(()) => tracing::info!(
-                "kafka: revoked {} partitions, committed {:?}",
-                revoked.len(),
-                Printable(&commits)
-            ),
-            Err(e) => tracing::warn!("kafka: revoked {} partitions; {e}", revoked.len()),
-        }
-        for k in &revoked {
-            let left = ledger.tracker.pending_in(k);
-            if left > 0 {
-                tracing::warn!(
-                    "kafka: {}[{}] revoked with {left} messages unacknowledged: they were not committed, and the partition's next owner consumes them again",
-                    k.topic,
-                    k.partition
-                );
+            Rebalance::Error(e) => {
+                tracing::warn!("kafka: rebalance error: {e}");
+                let lost = consumer.assignment().map(|a| keys(&a)).unwrap_or_default();
+                lock(&self.ledger).on_lost(&lost, consumer);
             }
-            ledger.tracker.remove(k);
+            Rebalance::Assign(_) => {}
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        self.assignment_changed.store(true, Ordering::SeqCst);
-        match rebalance {
-            Rebalance::Assign(tpl) => tracing::info!("kafka: assigned {}", describe(tpl)),
-            Rebalance::Revoke(tpl) => tracing::info!("kafka: released {}", describe(tpl)),
-            Rebalance::Error(e) => tracing::warn!("kafka: rebalance error: {e}"),
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!("kafka: assigned {}", describe(tpl));
+            lock(&self.ledger).on_assign(&keys(tpl), consumer);
         }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let committed: Vec<(PartitionKey, i64)> = offsets
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((key(e.topic(), e.partition()), o)),
+                _ => None,
+            })
+            .collect();
+        lock(&self.ledger).on_commit(result.map_err(|e| e.to_string()), &committed);
+    }
+}
+
+fn key(topic: &str, partition: i32) -> PartitionKey {
+    PartitionKey {
+        topic: Arc::from(topic),
+        partition,
+    }
+}
+
+fn keys(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
+    tpl.elements()
+        .iter()
+        .map(|e| key(e.topic(), e.partition()))
+        .collect()
+}
+
+fn list(partitions: &[PartitionKey]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+    for k in partitions {
+        tpl.add_partition(&k.topic, k.partition);
+    }
+    tpl
+}
+
+impl Partitions for BaseConsumer<SourceContext> {
+    fn pause(&self, partitions: &[PartitionKey]) -> Result<(), String> {
+        Consumer::pause(self, &list(partitions)).map_err(|e| e.to_string())
+    }
+
+    fn resume(&self, partitions: &[PartitionKey]) -> Result<(), String> {
+        Consumer::resume(self, &list(partitions)).map_err(|e| e.to_string())
+    }
+
+    fn commit(&self, offsets: &[(PartitionKey, i64)], mode: CommitMode) -> Result<(), String> {
+        commit(self, offsets, mode).map_err(|e| e.to_string())
+    }
+}
+
+/// The consumer loop's [`Source`]: librdkafka's consumer.
+pub(crate) struct KafkaSource {
+    pub(crate) consumer: BaseConsumer<SourceContext>,
+    /// Topic names shared by every message of a topic.
+    topics: HashMap<String, Arc<str>>,
+}
+
+impl KafkaSource {
+    pub(crate) fn new(consumer: BaseConsumer<SourceContext>) -> KafkaSource {
+        KafkaSource {
+            consumer,
+            topics: HashMap::new(),
+        }
+    }
+}
+
+impl Partitions for KafkaSource {
+    fn pause(&self, partitions: &[PartitionKey]) -> Result<(), String> {
+        Partitions::pause(&self.consumer, partitions)
+    }
+
+    fn resume(&self, partitions: &[PartitionKey]) -> Result<(), String> {
+        Partitions::resume(&self.consumer, partitions)
+    }
+
+    fn commit(&self, offsets: &[(PartitionKey, i64)], mode: CommitMode) -> Result<(), String> {
+        Partitions::commit(&self.consumer, offsets, mode)
+    }
+}
+
+impl Source for KafkaSource {
+    fn poll(&mut self, timeout: Duration) -> Polled {
+        match self.consumer.poll(timeout) {
+            Some(Ok(message)) => Polled::Message(envelope(&message, &mut self.topics)),
+            Some(Err(e)) => Polled::Error(consume_error(&e)),
+            None => Polled::Idle,
+        }
+    }
+
+    fn assignment(&self) -> Result<Vec<PartitionKey>, String> {
+        self.consumer
+            .assignment()
+            .map(|a| keys(&a))
+            .map_err(|e| e.to_string())
+    }
+
+    fn subscribe(&self, patterns: &[String]) -> Result<(), String> {
+        subscribe(&self.consumer, patterns).map_err(|e| e.to_string())
+    }
+}
+
+/// A poll's error as the loop classifies it.
+fn consume_error(e: &KafkaError) -> ConsumeError {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    match e {
+        KafkaError::PartitionEOF(_) => ConsumeError {
+            code: C::PartitionEOF,
+            fatal: false,
+            at: None,
+        },
+        KafkaError::MessageConsumption(code) => ConsumeError {
+            code: *code,
+            fatal: false,
+            at: None,
+        },
+        KafkaError::MessageConsumptionFatal(code) => ConsumeError {
+            code: *code,
+            fatal: true,
+            at: None,
+        },
+        other => ConsumeError {
+            code: other.rdkafka_error_code().unwrap_or(C::Fail),
+            fatal: false,
+            at: None,
+        },
     }
 }
 
@@ -322,20 +319,6 @@ fn describe(tpl: &TopicPartitionList) -> String {
     }
 }
 
-/// Formats commits as `topic[partition]=offset`.
-pub struct Printable<'a>(pub &'a [(PartitionKey, i64)]);
-
-impl std::fmt::Debug for Printable<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let items: Vec<String> = self
-            .0
-            .iter()
-            .map(|(k, o)| format!("{}[{}]={o}", k.topic, k.partition))
-            .collect();
-        write!(f, "{}", items.join(" "))
-    }
-}
-
 /// Commits offsets (each the next offset to consume).
 ///
 /// # Errors
@@ -353,8 +336,7 @@ pub fn commit(
         tpl.add_partition_offset(&k.topic, k.partition, Offset::Offset(*o))
             .map_err(|e| SourceError::Commit(e.to_string()))?;
     }
-    consumer
-        .commit(&tpl, mode)
+    Consumer::commit(consumer, &tpl, mode)
         .map_err(|e| SourceError::Commit(e.to_string()))
 }
 
@@ -579,10 +561,12 @@ pub fn envelope(message: &BorrowedMessage<'_>, topics: &mut HashMap<String, Arc<
         timestamp_ms: message.timestamp().to_millis(),
         key: message.key().map(Bytes::copy_from_slice),
         headers,
+        tombstone: message.payload().is_none(),
         payload: message
             .payload()
             .map(Bytes::copy_from_slice)
             .unwrap_or_default(),
+        epoch: 0,
     }
 }
 
