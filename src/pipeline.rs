@@ -426,6 +426,22 @@ impl Worker {
                 .dead_letter(envelope, topics.first(), reason, false);
             return;
         }
+        if envelope.payload.is_empty() && attrs.map.is_empty() {
+            // Pub/Sub refuses a message with neither (and with it the whole
+            // request it is batched in): it takes the error policy alone.
+            self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+            let reason = format!(
+                "{} with no attributes (attributes.kafka_metadata is off): Pub/Sub refuses a message with neither data nor attributes",
+                if envelope.tombstone {
+                    "a tombstone (null value)"
+                } else {
+                    "an empty value"
+                }
+            );
+            self.sink
+                .dead_letter(envelope, topics.first(), reason, false);
+            return;
+        }
         if self.discard {
             let bytes = envelope.payload.len();
             let _ = self

@@ -55,6 +55,10 @@ impl<'a> MessageView<'a> {
     pub fn headers(&self) -> &'a [Header] {
         &self.envelope.headers
     }
+    /// Whether the Kafka value was null (a tombstone), not merely empty.
+    pub fn tombstone(&self) -> bool {
+        self.envelope.tombstone
+    }
     /// The Kafka value, shared (not copied).
     pub fn payload(&self) -> &'a Bytes {
         &self.envelope.payload

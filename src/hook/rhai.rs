@@ -90,6 +90,7 @@ fn engine(path: &str, limits: Limits) -> Engine {
             m.key_text().map_or(Dynamic::UNIT, Dynamic::from)
         })
         .register_get("size", |m: &mut ScriptMessage| m.payload.len() as i64)
+        .register_get("tombstone", |m: &mut ScriptMessage| m.tombstone)
         .register_get("headers", |m: &mut ScriptMessage| {
             let mut map = Map::new();
             for h in m.headers.iter() {

@@ -75,6 +75,8 @@ pub struct ScriptMessage {
     pub key: Option<Bytes>,
     pub headers: Arc<[Header]>,
     pub payload: Bytes,
+    /// The Kafka value was null (a tombstone), not empty.
+    pub tombstone: bool,
     decoder: Arc<Decoder>,
     form: std::sync::OnceLock<Result<Form, String>>,
     alert: std::sync::OnceLock<Result<AlertRecord, String>>,
@@ -186,6 +188,7 @@ impl ScriptMessage {
                 Arc::from(view.headers())
             },
             payload: view.payload().clone(),
+            tombstone: view.tombstone(),
         }
     }
 

@@ -5,15 +5,21 @@
 //!   topic batches on its own (`batching.*`) over one gRPC channel pool;
 //! - every message handed to [`PubsubSink::publish`] ends in exactly one
 //!   [`Ack`]: `Published` once Pub/Sub returned a message id for every
-//!   destination, or `Failed` after a permanent error (which also stops the
+//!   destination, `DeadLettered` when Pub/Sub refused it (alone: a refused
+//!   request is retried message by message, so only the culprit takes the
+//!   error policy), or `Failed` after a permanent error (which also stops the
 //!   bridge). Transient errors are retried with backoff, without limit: a
 //!   message is never dropped because Pub/Sub was unavailable;
+//! - messages with an ordering key go through one lane per (topic, key),
+//!   which publishes them in the order they came (a partition's order, since
+//!   one worker takes a partition) and, after a failure, resumes the key and
+//!   publishes the failed ones again in the same order before anything newer;
 //! - the crate's publisher queues without bound; the pipeline's in-flight
 //!   limits are what bound it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,7 +27,9 @@ use crossbeam_channel::Sender;
 use google_cloud_gax::error::rpc::Code;
 use google_cloud_gax::retry_policy::RetryPolicyExt;
 use google_cloud_pubsub::client::{BasePublisher, Publisher, TopicAdmin};
+use google_cloud_pubsub::error::PublishError;
 use google_cloud_pubsub::model::Message;
+use google_cloud_pubsub::publisher::PublishFuture;
 
 use crate::attributes::{self, Attributes};
 use crate::config::{AttributeOptions, Batching, Config, TopicName};
@@ -41,6 +49,8 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// enough that a hook's typo stops the bridge in a minute. (A missing
 /// configured topic at start-up is fatal at once.)
 const NOT_FOUND_GRACE: Duration = Duration::from_secs(60);
+/// An ordering key's lane ends after this long with nothing to publish.
+const LANE_IDLE: Duration = Duration::from_secs(30);
 /// How long the start-up check waits for Pub/Sub to answer.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -119,6 +129,10 @@ pub struct PubsubSink {
     options: AttributeOptions,
     dead_letter: Option<TopicName>,
     publishers: RwLock<HashMap<TopicName, Publisher>>,
+    /// Unbatched publishers, to retry a refused request message by message.
+    solos: Mutex<HashMap<TopicName, Publisher>>,
+    /// One task per (topic, ordering key) with messages on their way.
+    lanes: Mutex<HashMap<(TopicName, String), tokio::sync::mpsc::UnboundedSender<LaneItem>>>,
     acks: Sender<Ack>,
     shutdown: Arc<Shutdown>,
     metrics: Arc<Metrics>,
@@ -138,6 +152,14 @@ fn is_not_found(error: &google_cloud_pubsub::Error) -> bool {
     match error.status() {
         Some(status) => status.code == Code::NotFound,
         None => error.http_status_code() == Some(404),
+    }
+}
+
+/// Whether Pub/Sub refused the request's content (one message of it, maybe).
+fn is_refusal(error: &google_cloud_pubsub::Error) -> bool {
+    match error.status() {
+        Some(status) => status.code == Code::InvalidArgument,
+        None => error.http_status_code() == Some(400),
     }
 }
 
@@ -242,6 +264,8 @@ impl PubsubSink {
             options: config.attributes,
             dead_letter: config.pubsub.dead_letter_topic.clone(),
             publishers: RwLock::new(HashMap::new()),
+            solos: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(HashMap::new()),
             acks,
             shutdown,
             metrics,
@@ -276,8 +300,25 @@ impl PubsubSink {
             .clone()
     }
 
+    /// The topic's publisher for messages retried alone (no batching): to
+    /// find which message of a refused request Pub/Sub objects to.
+    fn solo(&self, topic: &TopicName) -> Publisher {
+        let mut map = self.solos.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(topic.clone())
+            .or_insert_with(|| {
+                let _enter = self.runtime.enter();
+                self.base
+                    .publisher(topic.as_str())
+                    .set_message_count_threshold(1)
+                    .set_delay_threshold(Duration::ZERO)
+                    .build()
+            })
+            .clone()
+    }
+
     /// Publishes one message to each of its topics, and acknowledges it when
-    /// all have accepted it. Never blocks.
+    /// all have accepted it. Never blocks. Messages with an ordering key go
+    /// through their key's lane, which keeps them in order across retries.
     pub fn publish(self: &Arc<Self>, publishers: &[Publisher], delivery: Delivery) {
         let Delivery {
             envelope,
@@ -286,17 +327,18 @@ impl PubsubSink {
             hook_attributes,
             ordering_key,
         } = delivery;
-        let size = envelope.payload.len();
         let first = Message::new()
             .set_data(envelope.payload.clone())
             .set_attributes(attributes.map)
             .set_ordering_key(ordering_key.clone().unwrap_or_default());
+        let key = ordering_key.clone().filter(|k| !k.is_empty());
         let job = Arc::new(Job {
             envelope,
             hook_attributes,
             ordering_key,
             remaining: AtomicUsize::new(topics.len()),
             failed: AtomicBool::new(false),
+            refused: Mutex::new(None),
         });
         let count = topics.len();
         let mut first = Some(first);
@@ -311,26 +353,64 @@ impl PubsubSink {
             } else {
                 first.clone().expect("present until the end")
             };
+            if let Some(key) = &key {
+                self.to_lane(
+                    &topic,
+                    key,
+                    &publisher,
+                    LaneItem {
+                        job: Arc::clone(&job),
+                        message,
+                    },
+                );
+                continue;
+            }
             let sink = Arc::clone(self);
             let job = Arc::clone(&job);
             self.runtime.spawn(async move {
-                let ok = sink
+                let delivered = sink
                     .deliver(&publisher, &topic, &job, message, || {
                         job.rebuild(&sink.options)
                     })
                     .await;
-                if !ok {
-                    job.failed.store(true, Ordering::SeqCst);
-                }
-                if job.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    let outcome = if job.failed.load(Ordering::SeqCst) {
-                        Outcome::Failed
-                    } else {
-                        Outcome::Published { bytes: size }
-                    };
-                    sink.ack(&job.envelope, outcome);
-                }
+                sink.finish(&job, &topic, delivered);
             });
+        }
+    }
+
+    /// One destination is done with a message; the last one acknowledges it
+    /// (or sends it to the dead-letter topic, if a destination refused it).
+    fn finish(self: &Arc<Self>, job: &Arc<Job>, topic: &TopicName, delivered: Delivered) {
+        match delivered {
+            Delivered::Accepted => {}
+            Delivered::Failed => job.failed.store(true, Ordering::SeqCst),
+            Delivered::Refused(why) => {
+                *job.refused.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((topic.clone(), why));
+            }
+        }
+        if job.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        if job.failed.load(Ordering::SeqCst) {
+            return self.ack(&job.envelope, Outcome::Failed);
+        }
+        let refused = job
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match refused {
+            Some((topic, why)) => {
+                self.metrics.refused.fetch_add(1, Ordering::Relaxed);
+                self.dead_letter(job.envelope.clone(), Some(&topic), why, true);
+            }
+            None => self.ack(
+                &job.envelope,
+                Outcome::Published {
+                    bytes: job.envelope.payload.len(),
+                },
+            ),
         }
     }
 
@@ -338,9 +418,158 @@ impl PubsubSink {
         let _ = self.acks.send(Ack::new(envelope, outcome));
     }
 
-    /// Publishes until Pub/Sub accepts, retrying transient errors; false after
-    /// a permanent error (which also stops the bridge). The crate consumes what
-    /// it publishes, so `again` makes the message anew for each retry.
+    /// Hands a keyed message to its (topic, key) lane, starting the lane if
+    /// it is not running.
+    fn to_lane(self: &Arc<Self>, topic: &TopicName, key: &str, publisher: &Publisher, item: LaneItem) {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        let id = (topic.clone(), key.to_string());
+        let tx = lanes.entry(id.clone()).or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let sink = Arc::clone(self);
+            let publisher = publisher.clone();
+            self.runtime.spawn(async move { sink.lane(id, publisher, rx).await });
+            tx
+        });
+        // Lanes retire only under this lock and only when empty: never fails.
+        let _ = tx.send(item);
+    }
+
+    /// One ordering key of one topic: publishes its messages in the order
+    /// they came, pipelined; after a failure it waits out the rest of what
+    /// was sent (the crate pauses the key and fails them), resumes the key
+    /// and publishes them again, in the same order, before anything newer.
+    async fn lane(
+        self: Arc<Self>,
+        id: (TopicName, String),
+        publisher: Publisher,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<LaneItem>,
+    ) {
+        let (topic, key) = (&id.0, id.1.as_str());
+        let mut window: VecDeque<(Arc<Job>, PublishFuture, std::time::Instant)> = VecDeque::new();
+        let mut delay = RETRY_INITIAL;
+        let mut attempt: u64 = 0;
+        loop {
+            if window.is_empty() {
+                let item = match tokio::time::timeout(LANE_IDLE, rx.recv()).await {
+                    Ok(Some(item)) => item,
+                    Ok(None) => return,
+                    Err(_) => {
+                        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+                        match rx.try_recv() {
+                            Ok(item) => item,
+                            Err(_) => {
+                                lanes.remove(&id);
+                                return;
+                            }
+                        }
+                    }
+                };
+                let future = publisher.publish(item.message);
+                window.push_back((item.job, future, std::time::Instant::now()));
+                continue;
+            }
+            let front = &mut window.front_mut().expect("not empty").1;
+            tokio::select! {
+                biased;
+                item = rx.recv() => {
+                    if let Some(item) = item {
+                        let future = publisher.publish(item.message);
+                        window.push_back((item.job, future, std::time::Instant::now()));
+                    }
+                }
+                result = front => {
+                    let (job, _, started) = window.pop_front().expect("not empty");
+                    match result {
+                        Ok(_) => {
+                            self.metrics.published_to(topic.id(), job.envelope.payload.len(), started.elapsed());
+                            delay = RETRY_INITIAL;
+                            self.finish(&job, topic, Delivered::Accepted);
+                        }
+                        Err(e) => {
+                            self.metrics.publish_failed();
+                            // The crate paused the key: what was sent after
+                            // this fails too. Collect all of it, in order.
+                            let mut redo = VecDeque::new();
+                            let mut failures = vec![(job, e)];
+                            while let Some((j, f, started)) = window.pop_front() {
+                                match f.await {
+                                    Ok(_) => {
+                                        self.metrics.published_to(topic.id(), j.envelope.payload.len(), started.elapsed());
+                                        self.finish(&j, topic, Delivered::Accepted);
+                                    }
+                                    Err(e) => failures.push((j, e)),
+                                }
+                            }
+                            let mut first_error = None;
+                            for (j, e) in failures {
+                                match &e {
+                                    PublishError::Rpc(rpc) if is_permanent(rpc) && !is_not_found(rpc) => {
+                                        // Alone, in order (the lane waits).
+                                        match self.try_alone(topic, &j, Some(key)).await {
+                                            Some(d) => self.finish(&j, topic, d),
+                                            None => redo.push_back(j),
+                                        }
+                                    }
+                                    _ => {
+                                        first_error.get_or_insert_with(|| e.to_string());
+                                        redo.push_back(j);
+                                    }
+                                }
+                            }
+                            if !redo.is_empty() {
+                                attempt += 1;
+                                self.metrics.retries.fetch_add(redo.len() as u64, Ordering::Relaxed);
+                                if attempt == 1 || attempt.is_power_of_two() {
+                                    tracing::warn!(
+                                        "pubsub topic `{topic}`, ordering key `{key}`: publish failed (attempt {attempt}), {} messages retried in order in {delay:?}: {}",
+                                        redo.len(),
+                                        first_error.as_deref().unwrap_or("refused")
+                                    );
+                                }
+                                tokio::time::sleep(delay).await;
+                                delay = (delay * 2).min(RETRY_MAX);
+                            }
+                            publisher.resume_publish(key);
+                            for j in redo {
+                                let future = publisher.publish(j.rebuild(&self.options));
+                                window.push_back((j, future, std::time::Instant::now()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes a message alone (no batch), after Pub/Sub refused a request
+    /// that held it: `Refused` if Pub/Sub refuses it alone too (it is the
+    /// culprit), `Accepted` if it takes it, `None` for a transient failure.
+    async fn try_alone(&self, topic: &TopicName, job: &Job, key: Option<&str>) -> Option<Delivered> {
+        let solo = self.solo(topic);
+        if let Some(k) = key {
+            solo.resume_publish(k);
+        }
+        let started = std::time::Instant::now();
+        match solo.publish(job.rebuild(&self.options)).await {
+            Ok(_) => {
+                self.metrics
+                    .published_to(topic.id(), job.envelope.payload.len(), started.elapsed());
+                Some(Delivered::Accepted)
+            }
+            Err(PublishError::Rpc(e)) if is_permanent(&e) && !is_not_found(&e) => {
+                Some(Delivered::Refused(format!(
+                    "pubsub topic `{topic}` refused this message: {e}"
+                )))
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Publishes until Pub/Sub accepts, retrying transient errors. A request
+    /// Pub/Sub refuses is tried again message by message, so only the
+    /// message it objects to is `Refused`; `Failed` after another permanent
+    /// error (which also stops the bridge). The crate consumes what it
+    /// publishes, so `again` makes the message anew for each retry.
     async fn deliver(
         &self,
         publisher: &Publisher,
@@ -348,7 +577,7 @@ impl PubsubSink {
         job: &Job,
         first: Message,
         again: impl Fn() -> Message,
-    ) -> bool {
+    ) -> Delivered {
         let mut message = Some(first);
         let mut delay = RETRY_INITIAL;
         let mut attempt: u64 = 0;
@@ -367,9 +596,9 @@ impl PubsubSink {
                         job.envelope.payload.len(),
                         started.elapsed(),
                     );
-                    return true;
+                    return Delivered::Accepted;
                 }
-                Err(google_cloud_pubsub::error::PublishError::Rpc(e))
+                Err(PublishError::Rpc(e))
                     if is_not_found(&e)
                         && missing_since
                             .get_or_insert_with(std::time::Instant::now)
@@ -386,12 +615,21 @@ impl PubsubSink {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(RETRY_MAX);
                 }
-                Err(google_cloud_pubsub::error::PublishError::Rpc(e)) if is_permanent(&e) => {
+                Err(PublishError::Rpc(e)) if is_refusal(&e) => {
+                    match self.try_alone(topic, job, None).await {
+                        Some(d) => return d,
+                        None => {
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(RETRY_MAX);
+                        }
+                    }
+                }
+                Err(PublishError::Rpc(e)) if is_permanent(&e) => {
                     self.shutdown.fail(format!(
                         "pubsub topic `{topic}`: publishing {}[{}]@{} failed permanently: {e}",
                         job.envelope.topic, job.envelope.partition, job.envelope.offset
                     ));
-                    return false;
+                    return Delivered::Failed;
                 }
                 Err(e) => {
                     attempt += 1;
@@ -461,16 +699,23 @@ impl PubsubSink {
             ordering_key: None,
             remaining: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
+            refused: Mutex::new(None),
         };
         self.runtime.spawn(async move {
             let first = message.clone();
-            let outcome = if sink
+            let outcome = match sink
                 .deliver(&publisher, &dlq, &job, first, || message.clone())
                 .await
             {
-                Outcome::DeadLettered
-            } else {
-                Outcome::Failed
+                Delivered::Accepted => Outcome::DeadLettered,
+                Delivered::Refused(why) => {
+                    sink.shutdown.fail(format!(
+                        "{}[{}]@{}: the dead-letter topic `{dlq}` refused it too: {why}",
+                        job.envelope.topic, job.envelope.partition, job.envelope.offset
+                    ));
+                    Outcome::Failed
+                }
+                Delivered::Failed => Outcome::Failed,
             };
             sink.ack(&job.envelope, outcome);
         });
@@ -498,6 +743,23 @@ struct Job {
     ordering_key: Option<String>,
     remaining: AtomicUsize,
     failed: AtomicBool,
+    /// A destination that refused it alone, and why.
+    refused: Mutex<Option<(TopicName, String)>>,
+}
+
+/// How one destination ended for a message.
+enum Delivered {
+    Accepted,
+    /// Pub/Sub refused this message on its own: it takes the error policy.
+    Refused(String),
+    /// A permanent error that stops the bridge.
+    Failed,
+}
+
+/// A keyed message waiting in its lane.
+struct LaneItem {
+    job: Arc<Job>,
+    message: Message,
 }
 
 impl Job {

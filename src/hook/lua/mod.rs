@@ -147,6 +147,7 @@ fn message_table(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
                 | b"alert"
                 | b"headers"
                 | b"payload"
+                | b"tombstone"
         ) {
             return Ok(Value::Nil);
         }
@@ -174,6 +175,7 @@ fn message_table(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
                     Value::Table(t)
                 }
                 b"payload" => Value::Function(payload.clone()),
+                b"tombstone" => Value::Boolean(m.tombstone),
                 _ => Value::Nil,
             })
         })
