@@ -116,11 +116,7 @@ pub fn run_with_clock(
     tracing::info!("publishing to {endpoint}");
     if config.pipeline.discard {
         // A dry run must not move (or take partitions from) the real group.
-        let group = format!(
-            "{}.discard.{}",
-            config.kafka.group_id(),
-            std::process::id()
-        );
+        let group = format!("{}.discard.{}", config.kafka.group_id(), std::process::id());
         tracing::warn!(
             "pipeline.sink = \"discard\": nothing is published, and nothing committed; consuming as group `{group}`, so the real group `{}` is neither joined nor moved (a dry run)",
             config.kafka.group_id()
@@ -325,7 +321,9 @@ impl Worker {
                 self.metrics.hook_panics.fetch_add(1, Ordering::Relaxed);
                 match self.hooks.build() {
                     Ok(fresh) => self.hook = fresh,
-                    Err(e) => tracing::warn!("cannot rebuild the hook after a panic: {e}; keeping it"),
+                    Err(e) => {
+                        tracing::warn!("cannot rebuild the hook after a panic: {e}; keeping it")
+                    }
                 }
                 return self.hook_failed(envelope, format!("the hook panicked: {what}"));
             }

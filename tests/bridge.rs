@@ -210,6 +210,7 @@ async fn kafka_headers_become_attributes_and_those_over_the_limits_are_listed_as
             ("empty".into(), None),
         ],
         payload: sample_alerts("ztf").remove(0).1,
+        null: false,
     };
     produce(&cc, &topic, &[record]).await;
     let mut config = BridgeConfig::new(&s.bootstrap, &group, &topic, &ps);

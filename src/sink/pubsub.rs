@@ -385,8 +385,7 @@ impl PubsubSink {
             Delivered::Accepted => {}
             Delivered::Failed => job.failed.store(true, Ordering::SeqCst),
             Delivered::Refused(why) => {
-                *job.refused.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((topic.clone(), why));
+                *job.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some((topic.clone(), why));
             }
         }
         if job.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
@@ -395,11 +394,7 @@ impl PubsubSink {
         if job.failed.load(Ordering::SeqCst) {
             return self.ack(&job.envelope, Outcome::Failed);
         }
-        let refused = job
-            .refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let refused = job.refused.lock().unwrap_or_else(|e| e.into_inner()).take();
         match refused {
             Some((topic, why)) => {
                 self.metrics.refused.fetch_add(1, Ordering::Relaxed);
@@ -420,14 +415,21 @@ impl PubsubSink {
 
     /// Hands a keyed message to its (topic, key) lane, starting the lane if
     /// it is not running.
-    fn to_lane(self: &Arc<Self>, topic: &TopicName, key: &str, publisher: &Publisher, item: LaneItem) {
+    fn to_lane(
+        self: &Arc<Self>,
+        topic: &TopicName,
+        key: &str,
+        publisher: &Publisher,
+        item: LaneItem,
+    ) {
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
         let id = (topic.clone(), key.to_string());
         let tx = lanes.entry(id.clone()).or_insert_with(|| {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let sink = Arc::clone(self);
             let publisher = publisher.clone();
-            self.runtime.spawn(async move { sink.lane(id, publisher, rx).await });
+            self.runtime
+                .spawn(async move { sink.lane(id, publisher, rx).await });
             tx
         });
         // Lanes retire only under this lock and only when empty: never fails.
@@ -544,7 +546,12 @@ impl PubsubSink {
     /// Publishes a message alone (no batch), after Pub/Sub refused a request
     /// that held it: `Refused` if Pub/Sub refuses it alone too (it is the
     /// culprit), `Accepted` if it takes it, `None` for a transient failure.
-    async fn try_alone(&self, topic: &TopicName, job: &Job, key: Option<&str>) -> Option<Delivered> {
+    async fn try_alone(
+        &self,
+        topic: &TopicName,
+        job: &Job,
+        key: Option<&str>,
+    ) -> Option<Delivered> {
         let solo = self.solo(topic);
         if let Some(k) = key {
             solo.resume_publish(k);
@@ -552,15 +559,16 @@ impl PubsubSink {
         let started = std::time::Instant::now();
         match solo.publish(job.rebuild(&self.options)).await {
             Ok(_) => {
-                self.metrics
-                    .published_to(topic.id(), job.envelope.payload.len(), started.elapsed());
+                self.metrics.published_to(
+                    topic.id(),
+                    job.envelope.payload.len(),
+                    started.elapsed(),
+                );
                 Some(Delivered::Accepted)
             }
-            Err(PublishError::Rpc(e)) if is_permanent(&e) && !is_not_found(&e) => {
-                Some(Delivered::Refused(format!(
-                    "pubsub topic `{topic}` refused this message: {e}"
-                )))
-            }
+            Err(PublishError::Rpc(e)) if is_permanent(&e) && !is_not_found(&e) => Some(
+                Delivered::Refused(format!("pubsub topic `{topic}` refused this message: {e}")),
+            ),
             Err(_) => None,
         }
     }

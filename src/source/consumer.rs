@@ -245,7 +245,12 @@ impl Ledger {
     pub(crate) fn on_revoke(&mut self, revoked: &[PartitionKey], ops: &dyn Partitions) {
         self.rebalanced = true;
         let started = Instant::now();
-        let pending = |l: &Ledger| revoked.iter().map(|k| l.tracker.pending_in(k)).sum::<usize>();
+        let pending = |l: &Ledger| {
+            revoked
+                .iter()
+                .map(|k| l.tracker.pending_in(k))
+                .sum::<usize>()
+        };
         if !self.closing && !self.paused {
             self.drain();
             self.last_ack = self.last_ack.max(started);
@@ -331,7 +336,11 @@ impl Ledger {
     }
 
     /// A commit's answer (asynchronous or not). A failed one is offered again.
-    pub(crate) fn on_commit(&mut self, result: Result<(), String>, offsets: &[(PartitionKey, i64)]) {
+    pub(crate) fn on_commit(
+        &mut self,
+        result: Result<(), String>,
+        offsets: &[(PartitionKey, i64)],
+    ) {
         self.commit_sent = None;
         if let Err(e) = result {
             self.metrics.commit_failures.fetch_add(1, Ordering::Relaxed);
@@ -693,8 +702,7 @@ impl<S: Source> ConsumerLoop<S> {
             return;
         }
         let mut l = self.ledger();
-        if !l.tracker.has_commits() || l.commit_sent.is_some_and(|t| t.elapsed() < COMMIT_ANSWER)
-        {
+        if !l.tracker.has_commits() || l.commit_sent.is_some_and(|t| t.elapsed() < COMMIT_ANSWER) {
             return;
         }
         let commits = l.tracker.take_commits();

@@ -336,8 +336,7 @@ pub fn commit(
         tpl.add_partition_offset(&k.topic, k.partition, Offset::Offset(*o))
             .map_err(|e| SourceError::Commit(e.to_string()))?;
     }
-    Consumer::commit(consumer, &tpl, mode)
-        .map_err(|e| SourceError::Commit(e.to_string()))
+    Consumer::commit(consumer, &tpl, mode).map_err(|e| SourceError::Commit(e.to_string()))
 }
 
 /// Creates the consumer from the validated properties.

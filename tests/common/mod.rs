@@ -133,6 +133,8 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
     pub payload: Vec<u8>,
+    /// A null value (a tombstone): `payload` is not sent.
+    pub null: bool,
 }
 
 pub async fn produce(cc: &ClientConfig, topic: &str, records: &[Record]) {
@@ -153,9 +155,11 @@ pub async fn produce(cc: &ClientConfig, topic: &str, records: &[Record]) {
                 });
             }
             let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
-                .payload(r.payload.as_slice())
                 .partition(r.partition)
                 .headers(headers);
+            if !r.null {
+                rec = rec.payload(r.payload.as_slice());
+            }
             if let Some(k) = &r.key {
                 rec = rec.key(k.as_slice());
             }
@@ -252,6 +256,15 @@ pub fn topic_path(id: &str) -> String {
 
 /// Creates a Pub/Sub topic and a subscription to it (named `{id}-sub`).
 pub async fn create_pubsub_topic(emulator: &str, id: &str) -> String {
+    create_pubsub_topic_with(emulator, id, false).await
+}
+
+/// Like [`create_pubsub_topic`], with message ordering on the subscription.
+pub async fn create_pubsub_topic_ordered(emulator: &str, id: &str) -> String {
+    create_pubsub_topic_with(emulator, id, true).await
+}
+
+async fn create_pubsub_topic_with(emulator: &str, id: &str, ordered: bool) -> String {
     let endpoint = format!("http://{emulator}");
     let topics = TopicAdmin::builder()
         .with_endpoint(&endpoint)
@@ -275,6 +288,7 @@ pub async fn create_pubsub_topic(emulator: &str, id: &str) -> String {
     subs.create_subscription()
         .set_name(&sub)
         .set_topic(topic_path(id))
+        .set_enable_message_ordering(ordered)
         .send()
         .await
         .expect("create subscription");
@@ -401,6 +415,8 @@ pub struct BridgeConfig {
     /// `[hook]` lines, values as TOML (strings quoted).
     pub hook: Vec<(String, String)>,
     pub headers: bool,
+    /// `[attributes] kafka_metadata` (true unless a test turns it off).
+    pub kafka_metadata: bool,
     /// Environment variables for the process (e.g. another emulator).
     pub env: Vec<(String, String)>,
 }
@@ -417,6 +433,7 @@ impl BridgeConfig {
             pipeline_extra: Vec::new(),
             hook: Vec::new(),
             headers: false,
+            kafka_metadata: true,
             env: Vec::new(),
         }
     }
@@ -448,12 +465,13 @@ impl BridgeConfig {
                 s.push_str(&format!("{k} = {v}\n"));
             }
         }
-        for (k, v) in &self.pipeline_extra {
+        // An empty value leaves the key out (the shipped default applies).
+        for (k, v) in self.pipeline_extra.iter().filter(|(_, v)| !v.is_empty()) {
             s.push_str(&format!("{k} = {v}\n"));
         }
         s.push_str(&format!(
-            "\n[attributes]\nkafka_metadata = true\nheaders = {}\n",
-            self.headers
+            "\n[attributes]\nkafka_metadata = {}\nheaders = {}\n",
+            self.kafka_metadata, self.headers
         ));
         if !self.hook.is_empty() {
             s.push_str("\n[hook]\n");
@@ -490,7 +508,11 @@ impl Bridge {
         let path = dir.path().join("ztfhook.toml");
         std::fs::write(&path, config).unwrap();
         let log = dir.path().join("ztfhook.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_ztfhook"))
+        // ZTFHOOK_TEST_BIN runs the tests against another build (to show a
+        // test fails without a fix).
+        let bin = std::env::var("ZTFHOOK_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ztfhook").to_string());
+        let child = Command::new(bin)
             .arg("--config")
             .arg(&path)
             .args(args)
@@ -641,6 +663,27 @@ impl PrivateEmulator {
             child,
             _dir: dir,
         }
+    }
+
+    /// Stops the emulator (SIGSTOP to its process group): Pub/Sub is
+    /// unreachable, with its topics and subscriptions kept.
+    pub fn pause(&self) {
+        self.group_signal("STOP");
+    }
+
+    /// Lets a paused emulator go on (SIGCONT).
+    pub fn resume(&self) {
+        self.group_signal("CONT");
+    }
+
+    fn group_signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", name, "--"])
+            .arg(format!("-{}", self.child.id()))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -s {name} failed");
     }
 
     /// Kills the emulator and its JVM (the whole process group).

@@ -243,7 +243,10 @@ fn a_rebalance_while_paused_leaves_every_partition_following_the_loop() {
     // Pub/Sub is down: the bound stays reached until the loop pauses.
     std::thread::sleep(PAUSE_AFTER + Duration::from_millis(50));
     r.steps(2);
-    assert!(r.lp.ledger().paused, "paused after PAUSE_AFTER at the bound");
+    assert!(
+        r.lp.ledger().paused,
+        "paused after PAUSE_AFTER at the bound"
+    );
     assert_eq!(r.fake.state().paused.len(), 2);
     // A second member joins and leaves: partition 1 goes and comes back,
     // with librdkafka's pause flag still set on both.
@@ -268,7 +271,10 @@ fn a_rebalance_while_paused_leaves_every_partition_following_the_loop() {
     let committed = r.committed();
     assert_eq!(committed.get(&key(0)), Some(&12), "{committed:?}");
     assert_eq!(committed.get(&key(1)), Some(&12), "{committed:?}");
-    assert!(published >= 24, "the revoked in-flight message is consumed again");
+    assert!(
+        published >= 24,
+        "the revoked in-flight message is consumed again"
+    );
 }
 
 #[test]
@@ -282,11 +288,16 @@ fn a_consumer_error_stops_the_loop_and_no_commit_passes_it() {
         at: Some((key(0), 3)),
     }));
     // More data behind the bad record, as librdkafka would go on with it.
-    r.fake.state().logs.get_mut(&key(0)).unwrap().push(Envelope {
-        topic: Arc::from("ztf"),
-        offset: 4,
-        ..Envelope::default()
-    });
+    r.fake
+        .state()
+        .logs
+        .get_mut(&key(0))
+        .unwrap()
+        .push(Envelope {
+            topic: Arc::from("ztf"),
+            offset: 4,
+            ..Envelope::default()
+        });
     while !r.shutdown.is_stopping() {
         r.lp.step();
     }
@@ -318,14 +329,21 @@ fn a_skipped_consumer_error_is_dead_lettered_before_the_commit_passes_it() {
     assert!(dead[0].1.contains("ztf[0]@2"), "{}", dead[0].1);
     std::thread::sleep(Duration::from_millis(15));
     r.steps(3);
-    assert_eq!(r.committed().get(&key(0)), Some(&2), "waits for the dead letter");
+    assert_eq!(
+        r.committed().get(&key(0)),
+        Some(&2),
+        "waits for the dead letter"
+    );
     r.acks
         .send(Ack::new(&dead[0].0, Outcome::DeadLettered))
         .unwrap();
     std::thread::sleep(Duration::from_millis(20));
     r.steps(3);
     assert_eq!(r.committed().get(&key(0)), Some(&3));
-    assert_eq!(r.lp.metrics.consumer_errors_skipped.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        r.lp.metrics.consumer_errors_skipped.load(Ordering::Relaxed),
+        1
+    );
 }
 
 #[test]
@@ -349,7 +367,11 @@ fn a_commit_follows_the_safe_offset_without_waiting_for_a_timer() {
     r.steps(5);
     r.publish_all();
     r.steps(3);
-    assert_eq!(r.committed().get(&key(0)), None, "the interval bounds how often");
+    assert_eq!(
+        r.committed().get(&key(0)),
+        None,
+        "the interval bounds how often"
+    );
     let mut s = settings(100);
     s.limits.commit_interval = Duration::from_millis(10);
     let mut r = rig(1, 3, s);
@@ -377,14 +399,22 @@ fn a_dry_run_never_commits() {
 #[test]
 fn skipped_tombstones_are_counted_and_committed_without_a_worker() {
     let mut r = rig(1, 0, settings(100));
-    r.fake.state().logs.get_mut(&key(0)).unwrap().push(Envelope {
-        topic: Arc::from("ztf"),
-        tombstone: true,
-        ..Envelope::default()
-    });
+    r.fake
+        .state()
+        .logs
+        .get_mut(&key(0))
+        .unwrap()
+        .push(Envelope {
+            topic: Arc::from("ztf"),
+            tombstone: true,
+            ..Envelope::default()
+        });
     std::thread::sleep(Duration::from_millis(15));
     r.steps(4);
-    assert!(r.work.try_recv().is_err(), "no worker sees a skipped tombstone");
+    assert!(
+        r.work.try_recv().is_err(),
+        "no worker sees a skipped tombstone"
+    );
     assert_eq!(r.lp.metrics.tombstones.load(Ordering::Relaxed), 1);
     assert_eq!(r.committed().get(&key(0)), Some(&1));
 }
@@ -398,8 +428,14 @@ fn the_drain_keeps_within_the_shutdown_timeout_with_pubsub_down() {
     let drained = r.lp.drain();
     let took = started.elapsed();
     assert_eq!(drained.abandoned, 10);
-    assert!(took <= Duration::from_secs(2) + Duration::from_millis(200), "{took:?}");
-    assert!(r.committed().is_empty(), "nothing acknowledged, nothing committed");
+    assert!(
+        took <= Duration::from_secs(2) + Duration::from_millis(200),
+        "{took:?}"
+    );
+    assert!(
+        r.committed().is_empty(),
+        "nothing acknowledged, nothing committed"
+    );
 }
 
 #[test]
