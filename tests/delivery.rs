@@ -505,7 +505,11 @@ async fn a_failed_commit_is_counted_and_retried_until_it_lands() {
     );
     produce(&cc, &topic, &records(&payloads(5), 1)).await;
     assert_eq!(inbox.pull(5, PULL).await.len(), 5);
-    wait_for_commits(&cc, &group, &topic, &[5]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while committed_offsets(&cc, &group, &topic, 1) != vec![5] {
+        assert!(Instant::now() < deadline, "{}", bridge.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(
         metric(&address, "ztfhook_commit_failures_total") >= 1.0,
         "{}",
@@ -563,6 +567,7 @@ async fn a_sigkill_republishes_no_more_than_the_in_flight_bound_and_one_commit_i
     create_kafka_topic(&cc, &topic, 1).await;
     let mut inbox = Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &ps).await).await;
     let mut config = BridgeConfig::new(&s.bootstrap, &group, &topic, &ps);
+    quick_group(&mut config);
     // The shipped default commit interval; a small in-flight bound.
     pipeline(
         &mut config,
@@ -578,7 +583,7 @@ async fn a_sigkill_republishes_no_more_than_the_in_flight_bound_and_one_commit_i
     let want = expected(1, 60);
     got.extend(pull_all(&mut inbox, &want, Duration::from_secs(3)).await);
     let (lost, duplicated) = report("SIGKILL with max_in_flight_messages = 3", &want, &got);
-    assert_eq!(lost, 0);
+    assert_eq!(lost, 0, "{}\n---\n{}", bridge.log_text(), again.log_text());
     // What can be published twice: the in-flight bound, plus what Pub/Sub
     // acknowledged within one commit interval before the kill.
     assert!(

@@ -168,8 +168,11 @@ pub(crate) struct Ledger {
     /// Set at shutdown, after the final commit: a revoke neither waits nor
     /// commits what was committed already.
     closing: bool,
-    /// When the oldest unanswered asynchronous commit was sent.
+    /// When the unanswered asynchronous commit was sent, and what it held.
     commit_sent: Option<Instant>,
+    sent: Vec<(PartitionKey, i64)>,
+    /// Whether the last commit answered was a failure.
+    last_commit_failed: bool,
     /// When the last acknowledgement arrived.
     last_ack: Instant,
     metrics: Arc<Metrics>,
@@ -185,6 +188,8 @@ impl Ledger {
             rebalanced: false,
             closing: false,
             commit_sent: None,
+            sent: Vec::new(),
+            last_commit_failed: false,
             last_ack: Instant::now(),
             metrics,
         }
@@ -342,6 +347,8 @@ impl Ledger {
         offsets: &[(PartitionKey, i64)],
     ) {
         self.commit_sent = None;
+        self.sent.clear();
+        self.last_commit_failed = result.is_err();
         if let Err(e) = result {
             self.metrics.commit_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -702,7 +709,12 @@ impl<S: Source> ConsumerLoop<S> {
             return;
         }
         let mut l = self.ledger();
-        if !l.tracker.has_commits() || l.commit_sent.is_some_and(|t| t.elapsed() < COMMIT_ANSWER) {
+        if l.commit_sent.is_some_and(|t| t.elapsed() >= COMMIT_ANSWER) {
+            // No answer: as good as failed; offer those offsets again.
+            let sent = std::mem::take(&mut l.sent);
+            l.on_commit(Err(format!("no answer in {COMMIT_ANSWER:?}")), &sent);
+        }
+        if !l.tracker.has_commits() || l.commit_sent.is_some() {
             return;
         }
         let commits = l.tracker.take_commits();
@@ -711,7 +723,9 @@ impl<S: Source> ConsumerLoop<S> {
         match self.source.commit(&commits, CommitMode::Async) {
             Ok(()) => {
                 self.metrics.commits.fetch_add(1, Ordering::Relaxed);
-                self.ledger().commit_sent = Some(Instant::now());
+                let mut l = self.ledger();
+                l.commit_sent = Some(Instant::now());
+                l.sent = commits;
             }
             Err(e) => self.ledger().on_commit(Err(e), &commits),
         }
@@ -815,11 +829,14 @@ impl<S: Source> ConsumerLoop<S> {
         while self.ledger().commit_sent.is_some() && Instant::now() < deadline {
             let _ = self.source.poll(Duration::from_millis(20));
         }
-        if self.ledger().commit_sent.is_some() {
+        let l = self.ledger();
+        if l.commit_sent.is_some() {
             tracing::warn!(
                 "final commit of {} not answered within pipeline.shutdown_timeout_ms",
                 printable(&commits)
             );
+        } else if l.last_commit_failed {
+            tracing::warn!("final commit of {} failed", printable(&commits));
         } else {
             tracing::info!("committed {}", printable(&commits));
         }

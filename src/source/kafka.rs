@@ -169,16 +169,34 @@ impl ConsumerContext for SourceContext {
         }
     }
 
+    /// librdkafka reports a commit's overall result and, separately, each
+    /// partition's: a partition that failed is a failed commit even when the
+    /// overall result is a success.
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        let committed: Vec<(PartitionKey, i64)> = offsets
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some((key(e.topic(), e.partition()), o)),
-                _ => None,
-            })
-            .collect();
-        lock(&self.ledger).on_commit(result.map_err(|e| e.to_string()), &committed);
+        let mut ok = Vec::new();
+        let mut failed = Vec::new();
+        let mut why = result.as_ref().err().map(ToString::to_string);
+        for e in offsets.elements() {
+            let Offset::Offset(o) = e.offset() else {
+                continue;
+            };
+            let k = key(e.topic(), e.partition());
+            match e.error() {
+                Err(err) => {
+                    why.get_or_insert_with(|| err.to_string());
+                    failed.push((k, o));
+                }
+                Ok(()) if result.is_err() => failed.push((k, o)),
+                Ok(()) => ok.push((k, o)),
+            }
+        }
+        let mut ledger = lock(&self.ledger);
+        if !failed.is_empty() || why.is_some() {
+            ledger.on_commit(Err(why.unwrap_or_else(|| "failed".into())), &failed);
+        }
+        if !ok.is_empty() || failed.is_empty() && result.is_ok() {
+            ledger.on_commit(Ok(()), &ok);
+        }
     }
 }
 
