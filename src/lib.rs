@@ -14,9 +14,11 @@
 //! hook/mod.rs      the Hook trait: MessageView in, Decision out; the built-in pass-through
 //! attributes.rs    Pub/Sub attribute limits; Kafka metadata and headers as attributes
 //! offsets.rs       per-partition acknowledgement tracking -> the offsets safe to commit
-//! source/kafka.rs  consumer creation, subscription, rebalance handling, commits
+//! source/consumer.rs the consumer loop: owns assignment, pause state, the ledger and commits,
+//!                  behind the Source/Partitions traits (librdkafka, or a fake in its tests)
+//! source/kafka.rs  librdkafka: consumer creation, subscription, rebalance callbacks
 //! sink/pubsub.rs   publishers per topic, Pub/Sub limits, retries, health check
-//! pipeline.rs      the consumer loop, the crossbeam worker pool, back-pressure, drain
+//! pipeline.rs      the wiring: services, the crossbeam worker pool, the hook per worker
 //! shutdown.rs      the shared stop signal (SIGINT/SIGTERM or a fatal error)
 //! metrics.rs       counters, one place, and the periodic stats line
 //! ```

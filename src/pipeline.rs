@@ -123,7 +123,16 @@ pub fn run_with_clock(
         );
         config.kafka.properties.insert("group.id".into(), group);
     } else {
-        runtime.block_on(check_topics(&endpoint, &config.pubsub_topics()))?;
+        match runtime.block_on(check_topics(&endpoint, &config.pubsub_topics())) {
+            // A topic that is missing or forbidden is a configuration error;
+            // an endpoint that does not answer is an outage, and an instance
+            // started during one (a rolling update) joins the group and
+            // holds its messages, paused, until Pub/Sub answers again.
+            Err(e @ SinkError::Unreachable { .. }) => {
+                tracing::warn!("{e}; starting anyway: messages wait until Pub/Sub answers")
+            }
+            other => other?,
+        }
     }
     let sink = Arc::new(runtime.block_on(PubsubSink::connect(
         &config,
@@ -502,5 +511,112 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         s.clone()
     } else {
         "(no message)".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hook::HookError;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A hook whose first instance panics on every message; the instances
+    /// built after it pass everything.
+    struct PanicsOnce {
+        built: AtomicUsize,
+    }
+
+    struct Panicking;
+    impl Hook for Panicking {
+        fn decide(&mut self, _: &MessageView<'_>) -> Result<Decision, HookError> {
+            panic!("an engine bug");
+        }
+    }
+
+    impl HookFactory for PanicsOnce {
+        fn name(&self) -> &str {
+            "test:panics-once"
+        }
+        fn build(&self) -> Result<Box<dyn Hook>, HookError> {
+            Ok(match self.built.fetch_add(1, Ordering::SeqCst) {
+                0 => Box::new(Panicking),
+                _ => Box::new(crate::hook::Passthrough),
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_hook_that_panics_is_counted_rebuilt_and_its_message_takes_the_error_policy() {
+        let text = r#"
+[kafka]
+bootstrap.servers = "127.0.0.1:9"
+group.id = "g"
+topics = ["t"]
+
+[pubsub]
+project = "demo"
+topic = "out"
+
+[hook]
+on_error = "drop"
+"#;
+        let config = Config::parse(std::path::Path::new("test.toml"), text).unwrap();
+        let (acks, acked) = unbounded();
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = Arc::new(Shutdown::new());
+        // Connecting is lazy, and a dropped message publishes nothing.
+        let sink = Arc::new(
+            PubsubSink::connect(
+                &config,
+                Endpoint::Emulator("127.0.0.1:9".into()),
+                acks.clone(),
+                Arc::clone(&shutdown),
+                Arc::clone(&metrics),
+            )
+            .await
+            .unwrap(),
+        );
+        let hooks = Arc::new(PanicsOnce {
+            built: AtomicUsize::new(0),
+        });
+        let first = hooks.build().unwrap();
+        let mut worker = Worker::new(
+            &config,
+            first,
+            hooks.clone(),
+            sink,
+            acks,
+            Arc::clone(&metrics),
+            Arc::clone(&shutdown),
+        );
+        let envelope = Envelope {
+            topic: Arc::from("t"),
+            offset: 7,
+            payload: bytes::Bytes::from_static(b"alert"),
+            ..Default::default()
+        };
+        worker.handle(envelope);
+        let ack = acked.try_recv().expect("the message is acknowledged");
+        assert_eq!(ack.offset, 7);
+        assert!(matches!(ack.outcome, Outcome::Dropped), "{:?}", ack.outcome);
+        assert_eq!(metrics.hook_panics.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.hook_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            hooks.built.load(Ordering::SeqCst),
+            2,
+            "the hook was rebuilt"
+        );
+        assert!(
+            shutdown.fatal().is_none(),
+            "a hook panic does not stop the bridge"
+        );
+        // The rebuilt hook decides the next message.
+        let view = Envelope {
+            topic: Arc::from("t"),
+            offset: 8,
+            ..Default::default()
+        };
+        let decided = worker.hook.decide(&MessageView::new(&view)).unwrap();
+        assert!(decided.keep);
     }
 }

@@ -173,6 +173,10 @@ impl ConsumerContext for SourceContext {
     /// partition's: a partition that failed is a failed commit even when the
     /// overall result is a success.
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        tracing::debug!(
+            "kafka: commit answered: {result:?} for {}",
+            describe(offsets)
+        );
         let mut ok = Vec::new();
         let mut failed = Vec::new();
         let mut why = result.as_ref().err().map(ToString::to_string);
@@ -354,7 +358,48 @@ pub fn commit(
         tpl.add_partition_offset(&k.topic, k.partition, Offset::Offset(*o))
             .map_err(|e| SourceError::Commit(e.to_string()))?;
     }
-    Consumer::commit(consumer, &tpl, mode).map_err(|e| SourceError::Commit(e.to_string()))
+    match mode {
+        CommitMode::Sync => {
+            Consumer::commit(consumer, &tpl, mode).map_err(|e| SourceError::Commit(e.to_string()))
+        }
+        CommitMode::Async => commit_async(consumer, &tpl),
+    }
+}
+
+/// An asynchronous commit whose answer reaches
+/// [`ConsumerContext::commit_callback`] from the next poll.
+///
+/// rust-rdkafka 0.38's `commit(.., CommitMode::Async)` hands librdkafka
+/// neither a reply queue nor a callback, so the answer is dropped and the
+/// context never hears of it (fede1024/rust-rdkafka#856; the fix, #857, is
+/// not released). As that fix does, the commit is sent with
+/// `rd_kafka_commit_queue` naming the consumer queue, which the consumer's
+/// `poll` serves: the answer arrives there as an offset-commit event.
+fn commit_async(
+    consumer: &BaseConsumer<SourceContext>,
+    tpl: &TopicPartitionList,
+) -> Result<(), SourceError> {
+    use rdkafka::bindings as rd;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is the live handle `consumer` owns; the queue reference
+    // taken here is released before returning (librdkafka keeps its own for
+    // the reply); `tpl` outlives the call, which copies it.
+    let err = unsafe {
+        let queue = rd::rd_kafka_queue_get_consumer(rk);
+        if queue.is_null() {
+            return Err(SourceError::Commit("the consumer has no queue".into()));
+        }
+        let err = rd::rd_kafka_commit_queue(rk, tpl.ptr(), queue, None, std::ptr::null_mut());
+        rd::rd_kafka_queue_destroy(queue);
+        err
+    };
+    if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        Ok(())
+    } else {
+        Err(SourceError::Commit(
+            rdkafka::error::KafkaError::ConsumerCommit(err.into()).to_string(),
+        ))
+    }
 }
 
 /// Creates the consumer from the validated properties.

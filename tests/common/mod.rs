@@ -516,7 +516,11 @@ impl Bridge {
             .arg("--config")
             .arg(&path)
             .args(args)
-            .env("ZTFHOOK_LOG", "info,librdkafka=warn")
+            .env(
+                "ZTFHOOK_LOG",
+                // ZTFHOOK_TEST_LOG: a filter for the bridges' logs, to debug a test.
+                std::env::var("ZTFHOOK_TEST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into()),
+            )
             .env("NO_COLOR", "1")
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
