@@ -275,7 +275,7 @@ async fn two_instances_split_the_partitions_and_one_takes_over_when_the_other_is
     a.wait_for_log("kafka: assigned", Duration::from_secs(60));
     let mut b = Bridge::start(&config);
     b.wait_for_log("kafka: assigned", Duration::from_secs(60));
-    a.wait_for_log("kafka: revoked", Duration::from_secs(60));
+    a.wait_for_log("kafka: revoking", Duration::from_secs(60));
 
     produce(&cc, &topic, &records(&payloads(80), 8)).await;
     let mut got = inbox.pull(80, PULL).await;

@@ -505,12 +505,22 @@ impl PubsubSink {
                             let mut first_error = None;
                             for (j, e) in failures {
                                 match &e {
-                                    PublishError::Rpc(rpc) if is_permanent(rpc) && !is_not_found(rpc) => {
+                                    PublishError::Rpc(rpc) if is_refusal(rpc) => {
                                         // Alone, in order (the lane waits).
                                         match self.try_alone(topic, &j, Some(key)).await {
                                             Some(d) => self.finish(&j, topic, d),
                                             None => redo.push_back(j),
                                         }
+                                    }
+                                    PublishError::Rpc(rpc) if is_permanent(rpc) && !is_not_found(rpc) => {
+                                        // Permission denied and the like: as
+                                        // for unkeyed messages, the bridge
+                                        // stops, uncommitted.
+                                        self.shutdown.fail(format!(
+                                            "pubsub topic `{topic}`: publishing {}[{}]@{} failed permanently: {rpc}",
+                                            j.envelope.topic, j.envelope.partition, j.envelope.offset
+                                        ));
+                                        self.finish(&j, topic, Delivered::Failed);
                                     }
                                     _ => {
                                         first_error.get_or_insert_with(|| e.to_string());
@@ -566,9 +576,16 @@ impl PubsubSink {
                 );
                 Some(Delivered::Accepted)
             }
-            Err(PublishError::Rpc(e)) if is_permanent(&e) && !is_not_found(&e) => Some(
-                Delivered::Refused(format!("pubsub topic `{topic}` refused this message: {e}")),
-            ),
+            Err(PublishError::Rpc(e)) if is_refusal(&e) => Some(Delivered::Refused(format!(
+                "pubsub topic `{topic}` refused this message: {e}"
+            ))),
+            Err(PublishError::Rpc(e)) if is_permanent(&e) && !is_not_found(&e) => {
+                self.shutdown.fail(format!(
+                    "pubsub topic `{topic}`: publishing {}[{}]@{} failed permanently: {e}",
+                    job.envelope.topic, job.envelope.partition, job.envelope.offset
+                ));
+                Some(Delivered::Failed)
+            }
             Err(_) => None,
         }
     }

@@ -175,6 +175,8 @@ pub(crate) struct Ledger {
     last_commit_failed: bool,
     /// When the last acknowledgement arrived.
     last_ack: Instant,
+    /// False in a dry run: nothing is committed, not even on a revoke.
+    commits: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -191,6 +193,7 @@ impl Ledger {
             sent: Vec::new(),
             last_commit_failed: false,
             last_ack: Instant::now(),
+            commits: true,
             metrics,
         }
     }
@@ -266,19 +269,19 @@ impl Ledger {
                 self.drain_wait(Duration::from_millis(10));
             }
         }
-        let commits: Vec<_> = self
-            .tracker
-            .take_commits()
-            .into_iter()
-            .filter(|(k, o)| {
-                let keep = revoked.contains(k);
-                if !keep {
-                    // Not ours to commit now: offer it to the next commit.
-                    self.tracker.commit_failed(k, *o);
-                }
-                keep
-            })
-            .collect();
+        // Every revoked partition's safe offset, even one an unanswered
+        // asynchronous commit already carries: committing it again is
+        // harmless, and that answer may yet fail after the partition is gone.
+        // A dry run commits nothing.
+        let commits: Vec<_> = if self.commits {
+            self.tracker
+                .safe_offsets()
+                .into_iter()
+                .filter(|(k, _)| revoked.contains(k))
+                .collect()
+        } else {
+            Vec::new()
+        };
         if !commits.is_empty() {
             match ops.commit(&commits, CommitMode::Sync) {
                 Ok(()) => {
@@ -446,6 +449,7 @@ impl<S: Source> ConsumerLoop<S> {
     ) -> Self {
         let now = Instant::now();
         let stats = StatsLine::new(&metrics);
+        lock(&ledger).commits = settings.commits;
         ConsumerLoop {
             source,
             ledger,
@@ -644,6 +648,9 @@ impl<S: Source> ConsumerLoop<S> {
         let all = match self.source.assignment() {
             Ok(a) => a,
             Err(e) => {
+                // Not recorded, so the next step tries again (and a loop that
+                // could not pause does not poll as if it had).
+                self.ledger().paused = !pause;
                 tracing::warn!("kafka: cannot read the assignment: {e}");
                 return;
             }
@@ -667,10 +674,13 @@ impl<S: Source> ConsumerLoop<S> {
                     "acknowledgements made room"
                 }
             ),
-            Err(e) => tracing::warn!(
-                "kafka: cannot {} partitions: {e}",
-                if pause { "pause" } else { "resume" }
-            ),
+            Err(e) => {
+                self.ledger().paused = !pause;
+                tracing::warn!(
+                    "kafka: cannot {} partitions: {e}",
+                    if pause { "pause" } else { "resume" }
+                )
+            }
         }
     }
 
