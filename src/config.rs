@@ -1126,10 +1126,11 @@ fn validate_pipeline(at: &Locator<'_>, raw: PipelineConfig) -> Result<Pipeline, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    /// The least a config file needs; other modules' tests build on it.
+    pub(crate) const MINIMAL: &str = r#"
 [kafka]
 bootstrap.servers = "127.0.0.1:9092"
 group.id = "g"

@@ -547,20 +547,11 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_hook_that_panics_is_counted_rebuilt_and_its_message_takes_the_error_policy() {
-        let text = r#"
-[kafka]
-bootstrap.servers = "127.0.0.1:9"
-group.id = "g"
-topics = ["t"]
-
-[pubsub]
-project = "demo"
-topic = "out"
-
-[hook]
-on_error = "drop"
-"#;
-        let config = Config::parse(std::path::Path::new("test.toml"), text).unwrap();
+        let text = format!(
+            "{}\n[hook]\non_error = \"drop\"\n",
+            crate::config::tests::MINIMAL
+        );
+        let config = Config::parse(std::path::Path::new("test.toml"), &text).unwrap();
         let (acks, acked) = unbounded();
         let metrics = Arc::new(Metrics::new());
         let shutdown = Arc::new(Shutdown::new());

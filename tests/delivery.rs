@@ -508,11 +508,7 @@ async fn a_failed_commit_is_counted_and_retried_until_it_lands() {
     );
     produce(&cc, &topic, &records(&payloads(5), 1)).await;
     assert_eq!(inbox.pull(5, PULL).await.len(), 5);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while committed_offsets(&cc, &group, &topic, 1) != vec![5] {
-        assert!(Instant::now() < deadline, "{}", bridge.log_text());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_commits(&cc, &group, &topic, &[5]);
     assert!(
         metric(&address, "ztfhook_commit_failures_total") >= 1.0,
         "{}",

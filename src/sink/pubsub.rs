@@ -516,11 +516,8 @@ impl PubsubSink {
                                         // Permission denied and the like: as
                                         // for unkeyed messages, the bridge
                                         // stops, uncommitted.
-                                        self.shutdown.fail(format!(
-                                            "pubsub topic `{topic}`: publishing {}[{}]@{} failed permanently: {rpc}",
-                                            j.envelope.topic, j.envelope.partition, j.envelope.offset
-                                        ));
-                                        self.finish(&j, topic, Delivered::Failed);
+                                        let d = self.failed_permanently(topic, &j, rpc);
+                                        self.finish(&j, topic, d);
                                     }
                                     _ => {
                                         first_error.get_or_insert_with(|| e.to_string());
@@ -553,6 +550,22 @@ impl PubsubSink {
         }
     }
 
+    /// A permanent error other than a refusal (permission denied and the
+    /// like): the bridge stops, naming the message, and it is not committed.
+    fn failed_permanently(
+        &self,
+        topic: &TopicName,
+        job: &Job,
+        e: &google_cloud_pubsub::Error,
+    ) -> Delivered {
+        let m = &job.envelope;
+        self.shutdown.fail(format!(
+            "pubsub topic `{topic}`: publishing {}[{}]@{} failed permanently: {e}",
+            m.topic, m.partition, m.offset
+        ));
+        Delivered::Failed
+    }
+
     /// Publishes a message alone (no batch), after Pub/Sub refused a request
     /// that held it: `Refused` if Pub/Sub refuses it alone too (it is the
     /// culprit), `Accepted` if it takes it, `None` for a transient failure.
@@ -580,11 +593,7 @@ impl PubsubSink {
                 "pubsub topic `{topic}` refused this message: {e}"
             ))),
             Err(PublishError::Rpc(e)) if is_permanent(&e) && !is_not_found(&e) => {
-                self.shutdown.fail(format!(
-                    "pubsub topic `{topic}`: publishing {}[{}]@{} failed permanently: {e}",
-                    job.envelope.topic, job.envelope.partition, job.envelope.offset
-                ));
-                Some(Delivered::Failed)
+                Some(self.failed_permanently(topic, job, &e))
             }
             Err(_) => None,
         }
@@ -650,11 +659,7 @@ impl PubsubSink {
                     }
                 }
                 Err(PublishError::Rpc(e)) if is_permanent(&e) => {
-                    self.shutdown.fail(format!(
-                        "pubsub topic `{topic}`: publishing {}[{}]@{} failed permanently: {e}",
-                        job.envelope.topic, job.envelope.partition, job.envelope.offset
-                    ));
-                    return Delivered::Failed;
+                    return self.failed_permanently(topic, job, &e);
                 }
                 Err(e) => {
                     attempt += 1;

@@ -644,27 +644,31 @@ impl<S: Source> ConsumerLoop<S> {
 
     /// Pauses or resumes the whole assignment, and records it.
     fn set_paused(&mut self, pause: bool) {
-        self.ledger().paused = pause;
+        // Recorded only once librdkafka has done it (an empty assignment
+        // included: what is assigned next follows the state), so a failure
+        // is tried again at the next step and a loop that could not pause
+        // does not poll as if it had.
         let all = match self.source.assignment() {
             Ok(a) => a,
             Err(e) => {
-                // Not recorded, so the next step tries again (and a loop that
-                // could not pause does not poll as if it had).
-                self.ledger().paused = !pause;
                 tracing::warn!("kafka: cannot read the assignment: {e}");
                 return;
             }
         };
-        if all.is_empty() {
-            return;
-        }
-        let result = if pause {
-            self.source.pause(&all)
-        } else {
-            self.source.resume(&all)
-        };
-        match result {
-            Ok(()) => tracing::info!(
+        if !all.is_empty() {
+            let result = if pause {
+                self.source.pause(&all)
+            } else {
+                self.source.resume(&all)
+            };
+            if let Err(e) = result {
+                tracing::warn!(
+                    "kafka: cannot {} partitions: {e}",
+                    if pause { "pause" } else { "resume" }
+                );
+                return;
+            }
+            tracing::info!(
                 "kafka: {} {} partitions ({})",
                 if pause { "paused" } else { "resumed" },
                 all.len(),
@@ -673,15 +677,9 @@ impl<S: Source> ConsumerLoop<S> {
                 } else {
                     "acknowledgements made room"
                 }
-            ),
-            Err(e) => {
-                self.ledger().paused = !pause;
-                tracing::warn!(
-                    "kafka: cannot {} partitions: {e}",
-                    if pause { "pause" } else { "resume" }
-                )
-            }
+            );
         }
+        self.ledger().paused = pause;
     }
 
     /// Commits, the date check, the stall check, gauges and the stats line.
