@@ -362,6 +362,7 @@ struct HookConfig {
     script: Option<Spanned<String>>,
     on_error: Option<Spanned<String>>,
     max_operations: Option<Spanned<i64>>,
+    max_memory_mb: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -954,6 +955,16 @@ fn validate_hook(
             1_000..=1_000_000_000,
             "operations per script call",
         )? as u64;
+    }
+    if let Some(mb) = raw.max_memory_mb {
+        limits.max_memory_bytes = (in_range(
+            at,
+            &mb,
+            "hook.max_memory_mb",
+            1..=4096,
+            "MiB a script may hold",
+        )? as usize)
+            << 20;
     }
     Ok(HookOptions {
         script,

@@ -41,6 +41,7 @@ pub mod config;
 pub mod envelope;
 pub mod hook;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;

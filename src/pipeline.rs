@@ -30,7 +30,7 @@ use google_cloud_pubsub::client::Publisher;
 use crate::attributes::{self, MAX_MESSAGE_BYTES};
 use crate::config::{Config, ErrorPolicy, TopicName};
 use crate::envelope::Envelope;
-use crate::hook::{Decision, Hook, HookFactory, MessageView};
+use crate::hook::{Decision, Hook, HookError, HookFactory, MessageView};
 use crate::metrics::Metrics;
 use crate::offsets::{Ack, Outcome};
 use crate::shutdown::Shutdown;
@@ -51,8 +51,8 @@ pub enum BridgeError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error("{0}")]
-    Hook(String),
+    #[error(transparent)]
+    Hook(#[from] HookError),
     #[error("cannot start: {0}")]
     Runtime(String),
     #[error("cannot serve metrics: {0}")]
@@ -141,23 +141,52 @@ pub fn run_with_clock(
         Arc::clone(&shutdown),
         Arc::clone(&metrics),
     ))?);
-    let mut workers: Vec<Worker> = Vec::with_capacity(config.pipeline.workers);
-    for _ in 0..config.pipeline.workers {
-        let hook = hooks
-            .build()
-            .map_err(|e| BridgeError::Hook(e.to_string()))?;
-        workers.push(Worker::new(
-            &config,
-            hook,
-            Arc::clone(&hooks),
-            Arc::clone(&sink),
-            ack_tx.clone(),
-            Arc::clone(&metrics),
-            Arc::clone(&shutdown),
-        ));
+    // Each worker builds its hook on its own thread (a Lua state never
+    // crosses threads) and says whether it could, before Kafka is joined.
+    let shared = Arc::new(config.clone());
+    let (ready_tx, ready_rx) = bounded::<Result<(), HookError>>(config.pipeline.workers);
+    let mut queues = Vec::with_capacity(config.pipeline.workers);
+    let threads: Vec<_> = (0..config.pipeline.workers)
+        .map(|i| {
+            let (tx, rx) = bounded::<Envelope>(QUEUE_PER_WORKER);
+            queues.push(tx);
+            let parts = (
+                Arc::clone(&shared),
+                Arc::clone(&hooks),
+                Arc::clone(&sink),
+                ack_tx.clone(),
+                Arc::clone(&metrics),
+                Arc::clone(&shutdown),
+                ready_tx.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("ztfhook-worker-{i}"))
+                .spawn(move || {
+                    let (config, hooks, sink, acks, metrics, shutdown, ready) = parts;
+                    let _guard = FailOnPanic(Arc::clone(&shutdown), i);
+                    let hook = match hooks.build() {
+                        Ok(hook) => hook,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready.send(Ok(()));
+                    drop(ready);
+                    Worker::new(&config, hook, hooks, sink, acks, metrics, shutdown).run(rx);
+                })
+                .expect("spawning a worker thread")
+        })
+        .collect();
+    drop((ack_tx, ready_tx));
+    for _ in 0..threads.len() {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(BridgeError::Hook(e)),
+            Err(_) => return Err(BridgeError::Fatal("a worker died before it started".into())),
+        }
     }
-    drop(ack_tx);
-    tracing::info!("hook {} on {} workers", hooks.name(), workers.len());
+    tracing::info!("hook {} on {} workers", hooks.name(), threads.len());
 
     let ledger = Arc::new(Mutex::new(Ledger::new(ack_rx, Arc::clone(&metrics))));
     let context = SourceContext::new(Arc::clone(&ledger), Arc::clone(&metrics));
@@ -180,24 +209,6 @@ pub fn run_with_clock(
     );
 
     runtime.spawn(crate::shutdown::listen_for_signals(Arc::clone(&shutdown)));
-
-    let mut queues = Vec::with_capacity(workers.len());
-    let threads: Vec<_> = workers
-        .into_iter()
-        .enumerate()
-        .map(|(i, w)| {
-            let (tx, rx) = bounded::<Envelope>(QUEUE_PER_WORKER);
-            queues.push(tx);
-            let shutdown = Arc::clone(&shutdown);
-            std::thread::Builder::new()
-                .name(format!("ztfhook-worker-{i}"))
-                .spawn(move || {
-                    let _guard = FailOnPanic(shutdown, i);
-                    w.run(rx)
-                })
-                .expect("spawning a worker thread")
-        })
-        .collect();
 
     let dead_letter_sink = Arc::clone(&sink);
     let settings = Settings {

@@ -195,7 +195,10 @@ async fn pubsub_gone_for_30_seconds_and_back_empty_loses_nothing_and_memory_stay
         "lost {lost:?}\nlog:\n{}",
         bridge.log_text()
     );
-    assert!(peak_rss < 400.0, "RSS {peak_rss} MB while Pub/Sub was down");
+    // The peak RSS is a figure, not an assertion: 40 alerts (4 MB) cannot
+    // break any bound worth asserting. What bounds memory in an outage is the
+    // in-flight bound, asserted above from the stats lines; RSS under a
+    // backlog is measured by benches/throughput.sh.
     assert_eq!(http_get(&metrics, "/healthz"), (200, "ok\n".into()));
     wait_for_commits(&cc, &group, &topic, &[30, 30]);
     assert_eq!(bridge.stop().code(), Some(0), "log:\n{}", bridge.log_text());

@@ -217,7 +217,7 @@ fn a_script_without_route_is_rejected() {
 }
 
 #[test]
-fn lua_has_no_io_os_require_or_bytecode_loading() {
+fn lua_has_no_io_os_require_or_dofile() {
     for body in [
         "io.open('/etc/passwd')",
         "os.execute('true')",
@@ -232,10 +232,7 @@ fn lua_has_no_io_os_require_or_bytecode_loading() {
         let e = hook.decide(&MessageView::new(&envelope("t", 1, vec![1])));
         assert!(e.is_err(), "{body} ran");
     }
-    let bytecode = "function route(msg) if msg.offset > 0 then local f = load(string.dump(function() return 1 end)); return f() end end";
-    let mut hook = source_hook(Language::Lua, bytecode).unwrap();
-    let e = hook.decide(&MessageView::new(&envelope("t", 1, vec![1])));
-    assert!(e.is_err(), "bytecode was loaded");
+    // Bytecode: tests/sandbox.rs, which tells a refused load from a failed call.
 }
 
 #[test]

@@ -107,8 +107,9 @@ pub struct HookError {
     pub message: String,
 }
 
-/// A per-message decision maker. One instance per worker thread.
-pub trait Hook: Send {
+/// A per-message decision maker. One instance per worker thread, built on
+/// that thread (so a hook need not be `Send`: a Lua state never moves).
+pub trait Hook {
     /// Decides for one message.
     ///
     /// # Errors

@@ -3,8 +3,9 @@
 //! Invariants: the AST is compiled once and shared; each worker has its own
 //! `Engine` (one engine shared by threads serialises them on its string
 //! interner); limits on operations, strings, arrays, maps and call depth are
-//! set in one place (`engine`); there is no file access and no `eval`;
-//! `print` and `debug` go to the program's log.
+//! set in one place (`engine`), the memory bound among them; there is no
+//! file access, no `import` (no module resolver) and no `eval`; `print` and
+//! `debug` go to the program's log.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -62,17 +63,54 @@ fn alert_value(record: &AlertRecord, value: Value) -> Result<Dynamic, Box<EvalAl
     })
 }
 
+/// Refuses every `import`: a hook reads no file but its own.
+struct NoModules;
+
+impl rhai::ModuleResolver for NoModules {
+    fn resolve(
+        &self,
+        _: &Engine,
+        _: Option<&str>,
+        path: &str,
+        pos: rhai::Position,
+    ) -> Result<rhai::Shared<rhai::Module>, Box<EvalAltResult>> {
+        Err(Box::new(EvalAltResult::ErrorModuleNotFound(
+            format!("{path} (hooks cannot import modules)"),
+            pos,
+        )))
+    }
+}
+
+/// What a call's memory bound is measured from: the worker thread's
+/// [`crate::memory::held`] when the call began.
+type Mark = Arc<std::sync::atomic::AtomicIsize>;
+
+/// The token a call stopped for memory is terminated with.
+const OVER_MEMORY: &str = "over the memory limit";
+
 /// An engine with ztfhook's limits, helpers and message type.
-fn engine(path: &str, limits: Limits) -> Engine {
+fn engine(path: &str, limits: Limits, mark: &Mark) -> Engine {
     let mut engine = Engine::new();
+    // In place of `Engine::new`'s file resolver, which reads any `.rhai` file.
+    engine.set_module_resolver(NoModules);
     engine.set_max_operations(limits.max_operations);
-    engine.set_max_string_size(limits.max_string_bytes);
-    // Rhai counts a BLOB (the payload) against the array limit.
-    engine.set_max_array_size(limits.max_collection_len.max(limits.max_string_bytes));
-    engine.set_max_map_size(limits.max_collection_len);
+    // Any one value stays within the memory bound (Rhai counts a BLOB's
+    // bytes, and an array's elements, against the array size) ...
+    engine.set_max_string_size(limits.max_memory_bytes);
+    engine.set_max_array_size(limits.max_array_len());
+    engine.set_max_map_size(limits.max_map_len);
     engine.set_max_call_levels(64);
     engine.set_max_expr_depths(128, 64);
+    // ... and all the values of one call together, checked at every operation.
+    let max = isize::try_from(limits.max_memory_bytes).unwrap_or(isize::MAX);
+    let from = Arc::clone(mark);
+    engine.on_progress(move |_| {
+        let held = crate::memory::held()
+            .wrapping_sub(from.load(std::sync::atomic::Ordering::Relaxed));
+        (held > max).then(|| Dynamic::from(OVER_MEMORY))
+    });
     engine.disable_symbol("eval");
+    engine.disable_symbol("import");
     let name = path.to_string();
     engine.on_print(move |s| tracing::info!(target: "ztfhook::script", "{name}: {s}"));
     let name = path.to_string();
@@ -103,6 +141,13 @@ fn engine(path: &str, limits: Limits) -> Engine {
         })
         .register_fn("payload", |m: &mut ScriptMessage| -> Blob {
             m.payload.to_vec()
+        })
+        // One byte of the payload, without copying it into a BLOB.
+        .register_fn("byte", |m: &mut ScriptMessage, i: i64| {
+            usize::try_from(i)
+                .ok()
+                .and_then(|i| m.payload.get(i))
+                .map_or(Dynamic::UNIT, |b| Dynamic::from(i64::from(*b)))
         })
         .register_get("survey", |m: &mut ScriptMessage| {
             m.survey().as_str().to_string()
@@ -156,7 +201,8 @@ impl RhaiScript {
     /// [`HookError`] with `path:line:column` of a syntax error.
     pub fn compile(path: PathBuf, source: &str, env: Environment) -> Result<RhaiScript, HookError> {
         let name = path.display().to_string();
-        let ast = engine(&name, env.limits).compile(source).map_err(|e| {
+        let mark = Mark::default();
+        let ast = engine(&name, env.limits, &mark).compile(source).map_err(|e| {
             let pos = e.position();
             HookError {
                 hook: format!(
@@ -164,7 +210,12 @@ impl RhaiScript {
                     pos.line().unwrap_or(0),
                     pos.position().unwrap_or(0)
                 ),
-                message: format!("syntax error: {}", e.err_type()),
+                message: match e.err_type() {
+                    rhai::ParseErrorType::Reserved(word) if word == "import" || word == "eval" => {
+                        format!("`{word}` is not available to hooks (no modules, no eval)")
+                    }
+                    other => format!("syntax error: {other}"),
+                },
             }
         })?;
         if !ast
@@ -187,11 +238,13 @@ impl RhaiScript {
 impl Compiled for RhaiScript {
     fn instantiate(&self) -> Result<Box<dyn Hook>, HookError> {
         let name = self.path.display().to_string();
+        let mark = Mark::default();
         Ok(Box::new(RhaiHook {
-            engine: engine(&name, self.env.limits),
+            engine: engine(&name, self.env.limits, &mark),
             ast: Arc::clone(&self.ast),
             decoder: Arc::clone(&self.env.decoder),
-            max_operations: self.env.limits.max_operations,
+            limits: self.env.limits,
+            mark,
             name,
         }))
     }
@@ -202,7 +255,8 @@ struct RhaiHook {
     engine: Engine,
     ast: Arc<AST>,
     decoder: Arc<Decoder>,
-    max_operations: u64,
+    limits: Limits,
+    mark: Mark,
     name: String,
 }
 
@@ -219,7 +273,11 @@ impl RhaiHook {
         let message = match e {
             EvalAltResult::ErrorTooManyOperations(..) => format!(
                 "over the limit of {} operations per call",
-                self.max_operations
+                self.limits.max_operations
+            ),
+            EvalAltResult::ErrorTerminated(..) | EvalAltResult::ErrorDataTooLarge(..) => format!(
+                "{OVER_MEMORY} of {} MiB per call ({e})",
+                self.limits.max_memory_bytes >> 20
             ),
             other => other.to_string(),
         };
@@ -328,6 +386,10 @@ fn text(value: &Dynamic) -> String {
 impl Hook for RhaiHook {
     fn decide(&mut self, message: &MessageView<'_>) -> Result<Decision, HookError> {
         let msg = ScriptMessage::new(message, &self.decoder);
+        self.mark.store(
+            crate::memory::held(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let value = self
             .engine
             .call_fn::<Dynamic>(&mut Scope::new(), &self.ast, "route", (msg,))

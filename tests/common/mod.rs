@@ -508,11 +508,7 @@ impl Bridge {
         let path = dir.path().join("ztfhook.toml");
         std::fs::write(&path, config).unwrap();
         let log = dir.path().join("ztfhook.log");
-        // ZTFHOOK_TEST_BIN runs the tests against another build (to show a
-        // test fails without a fix).
-        let bin = std::env::var("ZTFHOOK_TEST_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ztfhook").to_string());
-        let child = Command::new(bin)
+        let child = Command::new(bin())
             .arg("--config")
             .arg(&path)
             .args(args)
@@ -609,6 +605,12 @@ pub struct PrivateEmulator {
 }
 
 /// A free loopback port (free when asked; services bind it right after).
+/// The ztfhook binary under test. ZTFHOOK_TEST_BIN runs the tests against
+/// another build (to show a test fails without a fix).
+pub fn bin() -> String {
+    std::env::var("ZTFHOOK_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ztfhook").to_string())
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -5,14 +5,17 @@
 //! `io`, `os`, `package`/`require`, `debug`), `load` accepts text only (no
 //! bytecode), `dofile`/`loadfile` are gone; an instruction-count hook stops a
 //! call after `max_operations` VM instructions, and the state's memory is
-//! capped; `print` goes to the program's log. Each worker's `msg` is one
-//! table, refilled for every call (`stack` makes the call); new keys are
-//! refused, and the fields that cost something come from its metatable,
-//! read from the message of the call in progress only.
+//! capped; both are in place before the script's top level runs, at first
+//! load and at every reload; `print` goes to the program's log. Each call's
+//! `msg` is a fresh table (`stack` makes the call), so nothing a script sets
+//! in it, `rawset` included, reaches another call; new keys are refused, and
+//! the fields that cost something come from its metatable, served to the
+//! table of the call in progress only.
 
 mod stack;
 
 use std::cell::{Cell, RefCell};
+use std::ffi::c_void;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -93,16 +96,24 @@ impl UserData for AlertRecord {
 struct Current {
     /// The envelope of the call in progress; null between calls.
     envelope: Cell<*const Envelope>,
+    /// The message table of the call in progress (made fresh for each call):
+    /// a table kept from an earlier call is refused.
+    table: Cell<*const c_void>,
     /// Built from it on the first read of a field that needs it.
     message: RefCell<Option<ScriptMessage>>,
     decoder: Arc<Decoder>,
 }
 
 impl Current {
-    /// Runs `f` on the message of the call in progress.
-    fn with<R>(&self, f: impl FnOnce(&ScriptMessage) -> mlua::Result<R>) -> mlua::Result<R> {
+    /// Runs `f` on the message of the call in progress, if `table` is that
+    /// call's message table.
+    fn with<R>(
+        &self,
+        table: *const c_void,
+        f: impl FnOnce(&ScriptMessage) -> mlua::Result<R>,
+    ) -> mlua::Result<R> {
         let envelope = self.envelope.get();
-        if envelope.is_null() {
+        if envelope.is_null() || table != self.table.get() {
             return Err(mlua::Error::RuntimeError(
                 "msg is only valid during the route() call that received it".into(),
             ));
@@ -121,19 +132,39 @@ impl Current {
     }
 }
 
-/// The worker's message table: the cheap fields (topic, partition, offset,
-/// timestamp, size) are overwritten for each call; its metatable's `__index`
-/// serves the fields that cost something to build (alert, survey, schema,
-/// key, headers, payload) from the message being decided, only when a
-/// script reads them; `__newindex` refuses new keys, so nothing a script
-/// sets leaks into the next message.
-fn message_table(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
+/// The pointer that identifies a value passed as `msg` (null for a
+/// non-table).
+fn identity(value: &Value) -> *const c_void {
+    match value {
+        Value::Table(t) => t.to_pointer(),
+        _ => std::ptr::null(),
+    }
+}
+
+/// The metatable of every message table. `stack` makes a fresh table for
+/// each call and sets the cheap fields (topic, partition, offset, timestamp,
+/// size) in it; this metatable's `__index` serves the fields that cost
+/// something to build (alert, survey, schema, key, headers, payload) from
+/// the message being decided, only when a script reads them and only to that
+/// call's table; `__newindex` refuses new keys (a script's `rawset` reaches
+/// only its own call's table, which no later call sees).
+fn message_metatable(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
     let payload_message = Rc::clone(current);
-    let payload = lua.create_function(move |lua, _: Value| {
-        payload_message.with(|m| lua.create_string(&m.payload))
+    let payload = lua.create_function(move |lua, this: Value| {
+        payload_message.with(identity(&this), |m| lua.create_string(&m.payload))
+    })?;
+    let byte_message = Rc::clone(current);
+    let byte = lua.create_function(move |_, (this, i): (Value, i64)| {
+        byte_message.with(identity(&this), |m| {
+            Ok(usize::try_from(i)
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| m.payload.get(i))
+                .map(|b| i64::from(*b)))
+        })
     })?;
     let current = Rc::clone(current);
-    let index = lua.create_function(move |lua, (_, key): (Value, Value)| {
+    let index = lua.create_function(move |lua, (this, key): (Value, Value)| {
         let Value::String(key) = key else {
             return Ok(Value::Nil);
         };
@@ -147,11 +178,12 @@ fn message_table(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
                 | b"alert"
                 | b"headers"
                 | b"payload"
+                | b"byte"
                 | b"tombstone"
         ) {
             return Ok(Value::Nil);
         }
-        current.with(|m| {
+        current.with(identity(&this), |m| {
             Ok(match &*key {
                 b"key" => m.key_text().into_lua(lua)?,
                 b"survey" => m.survey().as_str().into_lua(lua)?,
@@ -175,6 +207,7 @@ fn message_table(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
                     Value::Table(t)
                 }
                 b"payload" => Value::Function(payload.clone()),
+                b"byte" => Value::Function(byte.clone()),
                 b"tombstone" => Value::Boolean(m.tombstone),
                 _ => Value::Nil,
             })
@@ -192,14 +225,7 @@ fn message_table(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
         })?,
     )?;
     meta.raw_set("__metatable", false)?;
-    let msg = lua.create_table_with_capacity(0, 8)?;
-    for field in ["topic", "partition", "offset", "timestamp", "size"] {
-        // Present from the start, so that setting them never allocates or
-        // reaches `__newindex`.
-        msg.raw_set(field, false)?;
-    }
-    msg.set_metatable(Some(meta))?;
-    Ok(msg)
+    Ok(meta)
 }
 
 /// Builds a sandboxed state and loads the script into it; returns `route`.
@@ -224,13 +250,16 @@ fn state(
         for banned in ["dofile", "loadfile", "require", "collectgarbage"] {
             g.set(banned, Value::Nil)?;
         }
-        // `load` of text only: never bytecode.
+        // `load` of text only: never bytecode. The arguments are passed on
+        // as given, so that a call without `env` gets the default one (an
+        // explicit nil would give the chunk `_ENV = nil`).
         let load: Function = g.get("load")?;
-        let text_only = lua.create_function(
-            move |_, (chunk, chunkname, _mode, env): (Value, Value, Value, Value)| {
-                load.call::<mlua::MultiValue>((chunk, chunkname, "t", env))
-            },
-        )?;
+        let text_only = lua.create_function(move |lua, args: mlua::MultiValue| {
+            let mut args = args.into_vec();
+            args.resize(args.len().max(3), Value::Nil);
+            args[2] = Value::String(lua.create_string("t")?);
+            load.call::<mlua::MultiValue>(mlua::MultiValue::from_vec(args))
+        })?;
         g.set("load", text_only)?;
         let log_name = name.to_string();
         g.set(
@@ -257,21 +286,10 @@ fn state(
         Ok(())
     };
     setup().map_err(|e| err(format!("cannot set up the sandbox: {e}")))?;
-    lua.load(source)
-        .set_name(format!("@{name}"))
-        .set_mode(mlua::ChunkMode::Text)
-        .exec()
-        .map_err(|e| err(lua_error(&e)))?;
-    let route: Function = lua
-        .globals()
-        .get::<Option<Function>>("route")
-        .ok()
-        .flatten()
-        .ok_or_else(|| err("the script must define `function route(msg)`".into()))?;
-    let budget = Rc::new(Cell::new(0u64));
+    // The limit is in place before any of the script runs: its top level
+    // gets one call's budget.
+    let budget = Rc::new(Cell::new(limits.max_operations));
     let left = Rc::clone(&budget);
-    // mlua needs the callback to be Send with the `send` feature off? It is
-    // not enabled, so an Rc is fine: the state never leaves its worker.
     lua.set_hook(
         HookTriggers::new().every_nth_instruction(INSTRUCTIONS_PER_CHECK),
         move |_, _| {
@@ -287,6 +305,17 @@ fn state(
         },
     )
     .map_err(|e| err(format!("cannot set the instruction limit: {e}")))?;
+    lua.load(source)
+        .set_name(format!("@{name}"))
+        .set_mode(mlua::ChunkMode::Text)
+        .exec()
+        .map_err(|e| err(format!("at load: {}", lua_error(&e))))?;
+    let route: Function = lua
+        .globals()
+        .get::<Option<Function>>("route")
+        .ok()
+        .flatten()
+        .ok_or_else(|| err("the script must define `function route(msg)`".into()))?;
     Ok((lua, route, budget))
 }
 
@@ -325,30 +354,31 @@ impl Compiled for LuaScript {
         let (lua, route, budget) = state(&name, &self.source, self.env.limits)?;
         let current = Rc::new(Current {
             envelope: Cell::new(std::ptr::null()),
+            table: Cell::new(std::ptr::null()),
             message: RefCell::new(None),
             decoder: Arc::clone(&self.env.decoder),
         });
         let setup = || -> mlua::Result<_> {
-            let msg = message_table(&lua, &current)?;
+            let meta = message_metatable(&lua, &current)?;
             let route = lua.create_registry_value(route)?;
-            let msg = lua.create_registry_value(msg)?;
+            let meta = lua.create_registry_value(meta)?;
             let error = lua.create_registry_value(false)?;
             let mut main = std::ptr::null_mut();
             // SAFETY: only reads the state pointer, the main thread's (no
             // coroutine is running during set-up).
             unsafe { lua.exec_raw::<()>((), |state| main = state)? };
-            Ok((route, msg, error, main))
+            Ok((route, meta, error, main))
         };
-        let (route, msg, error, main) = setup().map_err(|e| HookError {
+        let (route, meta, error, main) = setup().map_err(|e| HookError {
             hook: name.clone(),
             message: lua_error(&e),
         })?;
         Ok(Box::new(LuaHook {
-            lua: SendLua(lua),
+            lua,
             main,
             current,
             route,
-            msg,
+            meta,
             error,
             budget,
             max_operations: self.env.limits.max_operations,
@@ -357,40 +387,32 @@ impl Compiled for LuaScript {
     }
 }
 
-/// A Lua state confined to the worker thread that owns it.
-struct SendLua(Lua);
-
-// SAFETY: a `LuaHook` is built and used by one worker thread, moved there
-// once before first use; the state, its functions and the `Rc`s are never
-// touched by two threads.
-unsafe impl Send for SendLua {}
-
 /// One worker's Lua hook.
 struct LuaHook {
-    lua: SendLua,
+    /// Built on the worker thread that uses it, and never sent elsewhere
+    /// (a [`Hook`] need not be `Send`).
+    lua: Lua,
     /// The state's main thread, for [`stack::call_route`].
     main: *mut mlua::ffi::lua_State,
     /// The message being decided, for the fields its metatable serves.
     current: Rc<Current>,
-    /// Registry slots: the script's `route`, the message table, and where a
-    /// call's error value is put.
+    /// Registry slots: the script's `route`, the message tables' metatable,
+    /// and where a call's error value is put.
     route: RegistryKey,
-    msg: RegistryKey,
+    meta: RegistryKey,
     error: RegistryKey,
     budget: Rc<Cell<u64>>,
     max_operations: u64,
     name: String,
 }
 
-// SAFETY: see `SendLua`: all fields belong to the one state, used by one thread.
-unsafe impl Send for LuaHook {}
-
 impl Hook for LuaHook {
     fn decide(&mut self, message: &MessageView<'_>) -> Result<Decision, HookError> {
         self.budget.set(self.max_operations);
         let mut call = stack::Call {
             route: self.route.id(),
-            msg: self.msg.id(),
+            meta: self.meta.id(),
+            table: &self.current.table,
             topic: message.topic(),
             partition: message.partition(),
             offset: message.offset(),
@@ -404,9 +426,10 @@ impl Hook for LuaHook {
         // thread only; the ids are this hook's registry keys.
         let ok = unsafe { stack::call_route(self.main, &mut call, self.error.id()) };
         self.current.envelope.set(std::ptr::null());
+        self.current.table.set(std::ptr::null());
         self.current.message.borrow_mut().take();
         if !ok {
-            let raised = self.lua.0.registry_value::<Value>(&self.error);
+            let raised = self.lua.registry_value::<Value>(&self.error);
             return Err(self.error(match raised {
                 Ok(Value::Error(e)) => lua_error(&e),
                 Ok(Value::String(s)) => s

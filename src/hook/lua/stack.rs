@@ -12,7 +12,10 @@
 //!   `lua_pcall`, `lua_rawseti` into a registry slot that exists,
 //!   `lua_settop`);
 //! - the C functions here have `LUA_MINSTACK` (20) free slots and use at
-//!   most 5;
+//!   most 5; their bodies are `extern "C"`, so a Rust panic in them aborts
+//!   rather than unwinds through Lua's C frames;
+//! - these assumptions hold for the mlua and mlua-sys versions pinned in
+//!   Cargo.toml (exactly), and the tests of `lua` exercise each path;
 //! - an API function that may raise a Lua error (a `longjmp`: allocation in
 //!   `lua_pushstring`, a bad argument in `luaL_checknumber`, any error of
 //!   the script in `lua_call`) is called only while no Rust value that needs
@@ -25,7 +28,8 @@
 //!   which would also break `lua_next`), `lua_tointegerx`, `lua_tonumberx`,
 //!   `lua_toboolean`, `lua_rawgeti`, `lua_settop`.
 
-use std::ffi::{c_int, CStr};
+use std::cell::Cell;
+use std::ffi::{c_int, c_void, CStr};
 use std::io::Write;
 
 use mlua::ffi::{self, lua_State};
@@ -34,9 +38,12 @@ use crate::hook::script::{format_float, sample, sample_bytes, Returned, DECISION
 
 /// One call of the script: what [`call_route`] needs, and what it found.
 pub(super) struct Call<'a> {
-    /// Registry ids of `route` and of the worker's message table.
+    /// Registry ids of `route` and of the message tables' metatable.
     pub route: c_int,
-    pub msg: c_int,
+    pub meta: c_int,
+    /// Where the identity of this call's fresh message table is put, for
+    /// the metatable's fields.
+    pub table: &'a Cell<*const c_void>,
     /// The fields every call sets in the message table.
     pub topic: &'a str,
     pub partition: i32,
@@ -92,10 +99,18 @@ unsafe fn set(state: *mut lua_State, key: &CStr) {
     ffi::lua_rawset(state, 2);
 }
 
-/// The protected part of [`call_route`]: fills the message table, calls
-/// `route(msg)` (its errors propagate to `call_route`'s pcall) and reads the
-/// returned value into the [`Call`] its one argument points to.
+/// The protected part of [`call_route`], as Lua calls it. Lua's C-function
+/// type is `extern "C-unwind"`; the work is done in [`route_protected`],
+/// an `extern "C"` function, so a Rust panic there aborts the process
+/// instead of unwinding into Lua's C frames.
 unsafe extern "C-unwind" fn route_trampoline(state: *mut lua_State) -> c_int {
+    route_protected(state)
+}
+
+/// Fills a fresh message table, calls `route(msg)` (its errors are Lua
+/// errors, a `longjmp` to `call_route`'s pcall, not an unwind) and reads the
+/// returned value into the [`Call`] its one argument points to.
+unsafe extern "C" fn route_protected(state: *mut lua_State) -> c_int {
     // A reference: nothing to drop if a call below raises.
     let Some(call) = ffi::lua_touserdata(state, 1).cast::<Call>().as_mut() else {
         return 0;
@@ -106,11 +121,16 @@ unsafe extern "C-unwind" fn route_trampoline(state: *mut lua_State) -> c_int {
         ffi::LUA_REGISTRYINDEX,
         ffi::lua_Integer::from(call.route),
     );
+    // A new table for every call: nothing a script sets in one (with
+    // `rawset` too) is there for the next.
+    ffi::lua_createtable(state, 0, 8);
     ffi::lua_rawgeti(
         state,
         ffi::LUA_REGISTRYINDEX,
-        ffi::lua_Integer::from(call.msg),
+        ffi::lua_Integer::from(call.meta),
     );
+    ffi::lua_setmetatable(state, 2);
+    call.table.set(ffi::lua_topointer(state, 2));
     ffi::lua_pushlstring(state, call.topic.as_ptr().cast(), call.topic.len());
     set(state, c"topic");
     ffi::lua_pushinteger(state, ffi::lua_Integer::from(call.partition));
@@ -302,11 +322,17 @@ unsafe fn read_attributes(
 }
 
 /// `sample(value, fraction)` as a C function: the same choice as
-/// [`sample`], without mlua's argument conversion.
+/// [`sample`], without mlua's argument conversion. As for
+/// [`route_trampoline`], the work is in an `extern "C"` function.
 ///
 /// # Safety
 /// Called by Lua only, as a C function.
 pub(super) unsafe extern "C-unwind" fn sample_function(state: *mut lua_State) -> c_int {
+    sample_protected(state)
+}
+
+/// The body of [`sample_function`]: aborts rather than unwinds.
+unsafe extern "C" fn sample_protected(state: *mut lua_State) -> c_int {
     // May raise: nothing to drop yet.
     let fraction = ffi::luaL_checknumber(state, 2);
     let keep = match ffi::lua_type(state, 1) {
