@@ -1,83 +1,163 @@
 //! The metrics and health endpoint: `GET /metrics` (Prometheus text format)
 //! and `GET /healthz` (200 once partitions are assigned and Pub/Sub accepts
-//! publishes; 503 with the reason otherwise).
+//! publishes; 503 with the reason otherwise), served by hyper.
 //!
-//! Invariants: it runs on its own thread, reads only atomics and short
-//! mutexes, answers one request per connection and never blocks the
-//! pipeline; a slow or broken client is dropped after `CLIENT_TIMEOUT`.
+//! Invariants: it runs on its own thread and runtime, reads only atomics and
+//! short mutexes, and never blocks the pipeline. It holds against clients
+//! that anything in a cluster can be: each connection is its own task (a
+//! slow one never delays another), serves one request, must send its headers
+//! within [`HEADER_DEADLINE`] and is closed [`CONNECTION_DEADLINE`] after it
+//! opened whatever it does; headers are limited to [`MAX_HEADER_BYTES`] and
+//! bodies are never read; at most [`MAX_CONNECTIONS`] are served at once and
+//! others are closed at once, so memory stays bounded.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::hook::HookFactory;
 use crate::metrics::Metrics;
 
-/// How long a client may take to send its request.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send its request line and headers.
+pub const HEADER_DEADLINE: Duration = Duration::from_secs(5);
+/// How long any connection may stay open.
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(15);
+/// The longest request line and headers accepted (hyper's minimum buffer).
+pub const MAX_HEADER_BYTES: usize = 8192;
+/// Connections served at once (each holds at most a header buffer).
+pub const MAX_CONNECTIONS: usize = 256;
 
-/// Binds `address` and serves on a background thread until the process ends.
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("metrics.listen {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics endpoint: cannot start its thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// What the endpoint reads.
+struct State {
+    metrics: Arc<Metrics>,
+    hooks: Arc<dyn HookFactory>,
+}
+
+/// Binds `address` and serves on a background thread until the process
+/// ends; returns the bound address.
 ///
 /// # Errors
-/// The bind error, naming the address.
+/// [`ServeError`] naming the address that cannot be bound.
 pub fn serve(
     address: SocketAddr,
     metrics: Arc<Metrics>,
     hooks: Arc<dyn HookFactory>,
-) -> Result<SocketAddr, String> {
-    let listener =
-        TcpListener::bind(address).map_err(|e| format!("metrics.listen {address}: {e}"))?;
+) -> Result<SocketAddr, ServeError> {
+    let bind = |source| ServeError::Bind { address, source };
+    let listener = std::net::TcpListener::bind(address).map_err(bind)?;
+    listener.set_nonblocking(true).map_err(bind)?;
     let bound = listener.local_addr().unwrap_or(address);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Thread)?;
+    let state = Arc::new(State { metrics, hooks });
     std::thread::Builder::new()
         .name("ztfhook-http".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(e) = answer(stream, &metrics, hooks.as_ref()) {
-                    tracing::debug!("metrics endpoint: {e}");
-                }
-            }
-        })
-        .map_err(|e| format!("metrics endpoint thread: {e}"))?;
+        .spawn(move || runtime.block_on(accept(listener, state)))
+        .map_err(ServeError::Thread)?;
     Ok(bound)
 }
 
-fn answer(stream: TcpStream, metrics: &Metrics, hooks: &dyn HookFactory) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request = String::new();
-    reader.read_line(&mut request)?;
-    // The headers are read and ignored.
-    let mut line = String::new();
-    while reader.read_line(&mut line)? > 2 {
-        line.clear();
+async fn accept(listener: std::net::TcpListener, state: Arc<State>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("metrics endpoint: {e}");
+            return;
+        }
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors, say: wait rather than spin.
+                tracing::debug!("metrics endpoint: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!("metrics endpoint: {MAX_CONNECTIONS} connections open; closing {peer}");
+            continue;
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |request| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(answer(&request, &state)) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_DEADLINE)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_DEADLINE, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!("metrics endpoint: {peer}: {e}"),
+                Err(_) => tracing::debug!(
+                    "metrics endpoint: {peer}: closed after {} s",
+                    CONNECTION_DEADLINE.as_secs()
+                ),
+            }
+        });
     }
-    let mut parts = request.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
+}
+
+fn answer(request: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
             "text/plain; version=0.0.4",
-            metrics.render(hooks.reloads()),
+            state.metrics.render(state.hooks.reloads()),
         ),
-        ("GET", "/healthz") => match metrics.health() {
-            Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
-            Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+        (&Method::GET, "/healthz") => match state.metrics.health() {
+            Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n"),
+            ),
         },
-        ("GET", _) => (
-            "404 Not Found",
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
             "text/plain",
             "try /metrics or /healthz\n".into(),
         ),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        ),
     };
-    let mut stream = stream;
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    stream.flush()
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
 }

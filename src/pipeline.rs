@@ -56,7 +56,7 @@ pub enum BridgeError {
     #[error("cannot start: {0}")]
     Runtime(String),
     #[error("cannot serve metrics: {0}")]
-    Metrics(String),
+    Metrics(#[from] crate::http::ServeError),
     /// A fatal error while running (a permanent publish failure, ...).
     #[error("{0}")]
     Fatal(String),
