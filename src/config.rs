@@ -128,14 +128,14 @@ impl Kafka {
 
 impl fmt::Debug for Kafka {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let redacted: BTreeMap<&str, &str> = self
+        let redacted: BTreeMap<&str, String> = self
             .properties
             .iter()
             .map(|(k, v)| {
                 let v = if is_secret_property(k) {
-                    "<redacted>"
+                    crate::secret::REDACTED.to_string()
                 } else {
-                    v.as_str()
+                    crate::secret::without_userinfo(v)
                 };
                 (k.as_str(), v)
             })
@@ -148,14 +148,10 @@ impl fmt::Debug for Kafka {
     }
 }
 
-/// Whether a librdkafka property holds a secret that must never be printed.
+/// Whether a librdkafka property holds a secret that must never be printed
+/// (by the words in its name: [`crate::secret::is_secret_key`]).
 pub fn is_secret_property(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    key.contains("password")
-        || key.contains("secret")
-        || key == "sasl.oauthbearer.config"
-        || key == "ssl.key.pem"
-        || key == "ssl_key"
+    crate::secret::is_secret_key(key)
 }
 
 /// Pub/Sub: where to publish.
@@ -759,14 +755,19 @@ fn check_librdkafka_property(key: &str, value: &str) -> Result<(), String> {
     match probe.create_native_config() {
         Ok(_) => Ok(()),
         Err(rdkafka::error::KafkaError::ClientConfig(_, desc, _, _)) => {
-            let desc = if is_secret_property(key) && !value.is_empty() {
-                desc.replace(value, "<redacted>")
-            } else {
-                desc
-            };
-            Err(format!("librdkafka rejects it: {desc}"))
+            let secret = is_secret_property(key).then_some(value);
+            Err(format!(
+                "librdkafka rejects it: {}",
+                crate::secret::scrub(&desc, secret)
+            ))
         }
-        Err(other) => Err(format!("librdkafka rejects it: {other}")),
+        Err(other) => {
+            let secret = is_secret_property(key).then_some(value);
+            Err(format!(
+                "librdkafka rejects it: {}",
+                crate::secret::scrub(&other.to_string(), secret)
+            ))
+        }
     }
 }
 

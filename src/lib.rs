@@ -45,6 +45,7 @@ pub mod memory;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
+pub mod secret;
 pub mod shutdown;
 pub mod sink;
 pub mod source;

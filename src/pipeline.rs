@@ -395,7 +395,10 @@ impl Worker {
             ErrorPolicy::Passthrough => {
                 let hook_attributes = vec![(
                     attributes::ERROR.to_string(),
-                    crate::sink::pubsub::truncate(&reason, attributes::MAX_VALUE_BYTES),
+                    crate::sink::pubsub::truncate(
+                        &crate::secret::public_error(&reason),
+                        attributes::MAX_VALUE_BYTES,
+                    ),
                 )];
                 let attrs = match attributes::build(&self.options, &envelope, &hook_attributes) {
                     Ok(a) => a,

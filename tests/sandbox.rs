@@ -57,7 +57,9 @@ fn a_top_level_that_never_ends_is_stopped_by_the_limit_at_load_in_both_engines()
         (Language::Rhai, "loop { }\nfn route(msg) { }"),
     ] {
         let started = Instant::now();
-        let e = load(language, source).err().expect("a script that never loads");
+        let e = load(language, source)
+            .err()
+            .expect("a script that never loads");
         assert!(e.contains("limit"), "{language:?}: {e}");
         assert!(
             started.elapsed() < Duration::from_secs(5),
@@ -252,7 +254,11 @@ fn lua_rawset_on_msg_does_not_reach_the_next_message() {
     )
     .unwrap();
     for offset in 1..=3 {
-        assert_eq!(decide(hook.as_mut(), offset).unwrap(), "n1", "message {offset}");
+        assert_eq!(
+            decide(hook.as_mut(), offset).unwrap(),
+            "n1",
+            "message {offset}"
+        );
     }
 }
 

@@ -21,12 +21,27 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Schema sources for wire-format alerts, tried in order: directory, then
 /// registry.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct SchemaSources {
     /// A directory laid out like `lsst/alert_packet`'s `schema/`.
     pub directory: Option<PathBuf>,
     /// A Confluent-compatible registry's base URL.
     pub registry: Option<String>,
+}
+
+impl std::fmt::Debug for SchemaSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaSources")
+            .field("directory", &self.directory)
+            .field(
+                "registry",
+                &self
+                    .registry
+                    .as_deref()
+                    .map(crate::secret::without_userinfo),
+            )
+            .finish()
+    }
 }
 
 type Lookup = Result<Arc<Schema>, (AvroError, Instant)>;
@@ -106,10 +121,17 @@ impl SchemaStore {
                 })
                 .clone()
         };
-        let fail = |m: String| AvroError(format!("registry {url}: {m}"));
-        let response = client.get(&url).send().map_err(|e| fail(e.to_string()))?;
+        // Named without its user info; reqwest's errors without the URL.
+        let shown = crate::secret::without_userinfo(&url);
+        let fail = |m: String| AvroError(format!("registry {shown}: {m}"));
+        let response = client
+            .get(&url)
+            .send()
+            .map_err(|e| fail(e.without_url().to_string()))?;
         let status = response.status();
-        let body = response.text().map_err(|e| fail(e.to_string()))?;
+        let body = response
+            .text()
+            .map_err(|e| fail(e.without_url().to_string()))?;
         if !status.is_success() {
             return Err(fail(format!("HTTP {status}: {}", body.trim())));
         }

@@ -105,8 +105,8 @@ fn engine(path: &str, limits: Limits, mark: &Mark) -> Engine {
     let max = isize::try_from(limits.max_memory_bytes).unwrap_or(isize::MAX);
     let from = Arc::clone(mark);
     engine.on_progress(move |_| {
-        let held = crate::memory::held()
-            .wrapping_sub(from.load(std::sync::atomic::Ordering::Relaxed));
+        let held =
+            crate::memory::held().wrapping_sub(from.load(std::sync::atomic::Ordering::Relaxed));
         (held > max).then(|| Dynamic::from(OVER_MEMORY))
     });
     engine.disable_symbol("eval");
@@ -202,22 +202,26 @@ impl RhaiScript {
     pub fn compile(path: PathBuf, source: &str, env: Environment) -> Result<RhaiScript, HookError> {
         let name = path.display().to_string();
         let mark = Mark::default();
-        let ast = engine(&name, env.limits, &mark).compile(source).map_err(|e| {
-            let pos = e.position();
-            HookError {
-                hook: format!(
-                    "{name}:{}:{}",
-                    pos.line().unwrap_or(0),
-                    pos.position().unwrap_or(0)
-                ),
-                message: match e.err_type() {
-                    rhai::ParseErrorType::Reserved(word) if word == "import" || word == "eval" => {
-                        format!("`{word}` is not available to hooks (no modules, no eval)")
-                    }
-                    other => format!("syntax error: {other}"),
-                },
-            }
-        })?;
+        let ast = engine(&name, env.limits, &mark)
+            .compile(source)
+            .map_err(|e| {
+                let pos = e.position();
+                HookError {
+                    hook: format!(
+                        "{name}:{}:{}",
+                        pos.line().unwrap_or(0),
+                        pos.position().unwrap_or(0)
+                    ),
+                    message: match e.err_type() {
+                        rhai::ParseErrorType::Reserved(word)
+                            if word == "import" || word == "eval" =>
+                        {
+                            format!("`{word}` is not available to hooks (no modules, no eval)")
+                        }
+                        other => format!("syntax error: {other}"),
+                    },
+                }
+            })?;
         if !ast
             .iter_functions()
             .any(|f| f.name == "route" && f.params.len() == 1)
@@ -386,10 +390,8 @@ fn text(value: &Dynamic) -> String {
 impl Hook for RhaiHook {
     fn decide(&mut self, message: &MessageView<'_>) -> Result<Decision, HookError> {
         let msg = ScriptMessage::new(message, &self.decoder);
-        self.mark.store(
-            crate::memory::held(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.mark
+            .store(crate::memory::held(), std::sync::atomic::Ordering::Relaxed);
         let value = self
             .engine
             .call_fn::<Dynamic>(&mut Scope::new(), &self.ast, "route", (msg,))

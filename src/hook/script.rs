@@ -540,7 +540,10 @@ mod tests {
             ("", 0.936_769_448_390_44),
         ] {
             assert!(sample(value, point + 1e-9), "{value:?} kept above {point}");
-            assert!(!sample(value, point - 1e-9), "{value:?} dropped below {point}");
+            assert!(
+                !sample(value, point - 1e-9),
+                "{value:?} dropped below {point}"
+            );
         }
     }
 

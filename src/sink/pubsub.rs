@@ -710,7 +710,10 @@ impl PubsubSink {
             .map;
         attrs.insert(
             attributes::ERROR.to_string(),
-            truncate(&reason, attributes::MAX_VALUE_BYTES),
+            truncate(
+                &crate::secret::public_error(&reason),
+                attributes::MAX_VALUE_BYTES,
+            ),
         );
         if let Some(d) = destination {
             attrs.insert(attributes::DESTINATION.to_string(), d.to_string());

@@ -469,13 +469,15 @@ fn on_path(program: &str) -> bool {
 
 /// Removes secret values from a librdkafka message.
 fn redact(config: &Config, text: &str) -> String {
-    let mut out = text.to_string();
-    for (k, v) in &config.kafka.properties {
-        if crate::config::is_secret_property(k) && !v.is_empty() {
-            out = out.replace(v.as_str(), "<redacted>");
-        }
-    }
-    out
+    crate::secret::scrub(
+        text,
+        config
+            .kafka
+            .properties
+            .iter()
+            .filter(|(k, _)| crate::config::is_secret_property(k))
+            .map(|(_, v)| v.as_str()),
+    )
 }
 
 /// Checks that the brokers answer and that every named topic exists, then
