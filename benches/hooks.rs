@@ -17,8 +17,10 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use ztfhook::alert::{Decoder, SchemaSources};
 use ztfhook::envelope::Envelope;
-use ztfhook::hook::script::{compile, compile_source, sample, Environment, Language, Limits};
+use ztfhook::hook::sampling::sample;
+use ztfhook::hook::script::{compile, compile_source, Language};
 use ztfhook::hook::{Decision, Hook, HookError, MessageView, Passthrough};
+use ztfhook::hook::{Environment, Limits};
 
 /// The routing rule of `scripts/ztf_route_sample.*`, in Rust.
 struct RustRouting;

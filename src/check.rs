@@ -7,8 +7,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::envelope::Envelope;
-use crate::hook::script::{compile, Environment};
-use crate::hook::{HookError, MessageView};
+use crate::hook::script::compile;
+use crate::hook::Environment;
+use crate::hook::{HookError, HookErrorKind, MessageView};
 
 /// Expands directories (and their subdirectories) into their `.avro` files,
 /// sorted; files stay as given.
@@ -51,9 +52,12 @@ pub fn run(
 ) -> Result<bool, HookError> {
     let compiled = compile(script, env)?;
     let mut hook = compiled.instantiate()?;
-    let read_error = |e: std::io::Error, p: &Path| HookError {
-        hook: script.display().to_string(),
-        message: format!("{}: {e}", p.display()),
+    let read_error = |e: std::io::Error, p: &Path| {
+        HookError::new(
+            script.display(),
+            HookErrorKind::File,
+            format!("{}: {e}", p.display()),
+        )
     };
     let list = alert_files(inputs).map_err(|e| read_error(e, Path::new(".")))?;
     let topic: Arc<str> = Arc::from(topic);

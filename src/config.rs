@@ -101,7 +101,7 @@ pub struct HookOptions {
     /// `None`: the built-in pass-through.
     pub script: Option<PathBuf>,
     pub on_error: ErrorPolicy,
-    pub limits: crate::hook::script::Limits,
+    pub limits: crate::hook::Limits,
 }
 
 /// Kafka: librdkafka properties and what to subscribe to.
@@ -947,7 +947,7 @@ fn validate_hook(
             }
         },
     };
-    let mut limits = crate::hook::script::Limits::default();
+    let mut limits = crate::hook::Limits::default();
     if let Some(ops) = raw.max_operations {
         limits.max_operations = in_range(
             at,

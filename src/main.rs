@@ -12,7 +12,7 @@ use clap::Parser;
 use ztfhook::alert::{Decoder, SchemaSources};
 use ztfhook::config::Config;
 use ztfhook::hook::reload::ScriptHooks;
-use ztfhook::hook::script::{Environment, Limits};
+use ztfhook::hook::{Environment, Limits};
 use ztfhook::hook::{HookFactory, Passthrough};
 use ztfhook::shutdown::Shutdown;
 

@@ -18,8 +18,10 @@ use bytes::Bytes;
 use serde_json::{json, Value as Json};
 use ztfhook::alert::{Decoder, SchemaSources};
 use ztfhook::envelope::Envelope;
-use ztfhook::hook::script::{compile_source, sample, Environment, Language, Limits};
+use ztfhook::hook::sampling::sample;
+use ztfhook::hook::script::{compile_source, Language};
 use ztfhook::hook::{Decision, MessageView};
+use ztfhook::hook::{Environment, Limits};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

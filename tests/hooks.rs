@@ -12,8 +12,9 @@ use bytes::Bytes;
 use common::sample_alerts;
 use ztfhook::envelope::Envelope;
 use ztfhook::hook::reload::ScriptHooks;
-use ztfhook::hook::script::{compile, compile_source, Environment, Language, Limits};
+use ztfhook::hook::script::{compile, compile_source, Language};
 use ztfhook::hook::{Decision, Hook, HookFactory, MessageView, Passthrough};
+use ztfhook::hook::{Environment, Limits};
 
 fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts")

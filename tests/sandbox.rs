@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ztfhook::envelope::Envelope;
 use ztfhook::hook::reload::ScriptHooks;
-use ztfhook::hook::script::{compile_source, Environment, Language, Limits};
+use ztfhook::hook::script::{compile_source, Language};
+use ztfhook::hook::{Environment, Limits};
 use ztfhook::hook::{Hook, HookFactory, MessageView};
 
 fn envelope(offset: i64, payload: &[u8]) -> Envelope {

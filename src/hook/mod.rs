@@ -9,10 +9,16 @@
 //! - [`Decision::pass`] (the default) publishes to the configured topic with
 //!   the core's attributes only.
 
+pub mod limits;
 pub mod lua;
+pub mod message;
 pub mod reload;
+pub mod returned;
 pub mod rhai;
+pub mod sampling;
 pub mod script;
+
+pub use limits::{Environment, Limits};
 
 use bytes::Bytes;
 
@@ -98,13 +104,65 @@ impl Decision {
     }
 }
 
-/// Why a hook could not decide for a message.
+/// What kind of failure a [`HookError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookErrorKind {
+    /// The script file cannot be read, or its name gives no engine.
+    File,
+    /// It does not compile, or does not define `route(msg)`.
+    Compile,
+    /// Its top level failed, or the engine could not be set up.
+    Load,
+    /// Loading it did not finish within the deadline.
+    Deadline,
+    /// A call raised an error (the script's own, or a field it read).
+    Runtime,
+    /// The script read the alert of a payload that does not decode as one.
+    NotAnAlert,
+    /// A call (or the top level) went over the operation limit.
+    Operations,
+    /// A call (or the top level) went over the memory limit.
+    Memory,
+    /// `route()` returned something that is not a decision.
+    Returned,
+    /// The hook panicked (a bug in ztfhook, caught by the worker).
+    Panic,
+}
+
+/// Why a hook could not load, or could not decide for a message.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("hook {hook}: {message}")]
 pub struct HookError {
-    /// The hook's name (a script's path).
+    /// The hook's name (a script's path), with the line and column where
+    /// the engine gives them.
     pub hook: String,
+    pub kind: HookErrorKind,
     pub message: String,
+}
+
+impl HookError {
+    /// An error of `kind` for the hook named `hook`.
+    pub fn new(
+        hook: impl std::fmt::Display,
+        kind: HookErrorKind,
+        message: impl Into<String>,
+    ) -> HookError {
+        HookError {
+            hook: hook.to_string(),
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// A compiled script, shared by every worker; each builds its own runtime
+/// state from it, on its own thread.
+pub trait Compiled: Send + Sync {
+    /// Builds one worker's hook.
+    ///
+    /// # Errors
+    /// [`HookError`] if the engine cannot be set up.
+    fn instantiate(&self) -> Result<Box<dyn Hook>, HookError>;
 }
 
 /// A per-message decision maker. One instance per worker thread, built on

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 
-use crate::hook::script::{compile_text, read, Compiled, Environment};
+use crate::hook::script::{compile_text, read};
+use crate::hook::{Compiled, Environment};
 use crate::hook::{Decision, Hook, HookError, HookFactory, MessageView};
 
 /// Events closer together than this are one save.

@@ -14,10 +14,12 @@ use rhai::{Array, Blob, Dynamic, Engine, EvalAltResult, Map, Scope, AST};
 
 use crate::alert::avro::Value;
 use crate::alert::Decoder;
-use crate::hook::script::{
-    sample, AlertRecord, Compiled, Environment, Limits, Returned, ScriptMessage, DECISION_KEYS,
+use crate::hook::message::{AlertRecord, FieldError, ScriptMessage};
+use crate::hook::returned::{format_float, Returned, DECISION_KEYS};
+use crate::hook::sampling::sample;
+use crate::hook::{
+    Compiled, Decision, Environment, Hook, HookError, HookErrorKind, Limits, MessageView,
 };
-use crate::hook::{Decision, Hook, HookError, MessageView};
 
 /// A compiled Rhai script.
 pub struct RhaiScript {
@@ -29,6 +31,15 @@ pub struct RhaiScript {
 /// A script-facing error.
 fn script_error(message: String) -> Box<EvalAltResult> {
     message.into()
+}
+
+/// A field that cannot be read, as an error that keeps its type (the error
+/// policy and `check` tell a payload that is no alert from a script's bug).
+fn field_error(e: FieldError) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorRuntime(
+        Dynamic::from(e),
+        rhai::Position::NONE,
+    ))
 }
 
 /// One value of a decoded alert as a Rhai value: records stay handles into
@@ -160,20 +171,20 @@ fn engine(path: &str, limits: Limits, mark: &Mark) -> Engine {
             "schema_version",
             |m: &mut ScriptMessage| -> Result<Dynamic, Box<EvalAltResult>> {
                 Ok(m.schema_version()
-                    .map_err(script_error)?
+                    .map_err(field_error)?
                     .map_or(Dynamic::UNIT, Dynamic::from))
             },
         )
         .register_get(
             "alert",
             |m: &mut ScriptMessage| -> Result<AlertRecord, Box<EvalAltResult>> {
-                m.alert().map_err(script_error)
+                m.alert().map_err(field_error)
             },
         )
         .register_type_with_name::<AlertRecord>("AlertRecord")
         .register_indexer_get(
             |r: &mut AlertRecord, name: &str| -> Result<Dynamic, Box<EvalAltResult>> {
-                let v = r.get(name).map_err(script_error)?;
+                let v = r.get(name).map_err(field_error)?;
                 alert_value(&v, v.value)
             },
         )
@@ -182,7 +193,7 @@ fn engine(path: &str, limits: Limits, mark: &Mark) -> Engine {
         .register_fn(
             "to_string",
             |r: &mut AlertRecord| -> Result<String, Box<EvalAltResult>> {
-                Ok(r.to_json().map_err(script_error)?.to_string())
+                Ok(r.to_json().map_err(field_error)?.to_string())
             },
         )
         .register_fn("sample", |value: Dynamic, fraction: f64| {
@@ -206,13 +217,14 @@ impl RhaiScript {
             .compile(source)
             .map_err(|e| {
                 let pos = e.position();
-                HookError {
-                    hook: format!(
+                HookError::new(
+                    format!(
                         "{name}:{}:{}",
                         pos.line().unwrap_or(0),
                         pos.position().unwrap_or(0)
                     ),
-                    message: match e.err_type() {
+                    HookErrorKind::Compile,
+                    match e.err_type() {
                         rhai::ParseErrorType::Reserved(word)
                             if word == "import" || word == "eval" =>
                         {
@@ -220,16 +232,17 @@ impl RhaiScript {
                         }
                         other => format!("syntax error: {other}"),
                     },
-                }
+                )
             })?;
         if !ast
             .iter_functions()
             .any(|f| f.name == "route" && f.params.len() == 1)
         {
-            return Err(HookError {
-                hook: name,
-                message: "the script must define `fn route(msg)`".into(),
-            });
+            return Err(HookError::new(
+                name,
+                HookErrorKind::Compile,
+                "the script must define `fn route(msg)`",
+            ));
         }
         Ok(RhaiScript {
             path,
@@ -274,25 +287,39 @@ impl RhaiHook {
             (Some(line), None) => format!("{}:{line}", self.name),
             _ => self.name.clone(),
         };
-        let message = match e {
-            EvalAltResult::ErrorTooManyOperations(..) => format!(
-                "over the limit of {} operations per call",
-                self.limits.max_operations
+        let (kind, message) = match e.unwrap_inner() {
+            EvalAltResult::ErrorTooManyOperations(..) => (
+                HookErrorKind::Operations,
+                format!(
+                    "over the limit of {} operations per call",
+                    self.limits.max_operations
+                ),
             ),
-            EvalAltResult::ErrorTerminated(..) | EvalAltResult::ErrorDataTooLarge(..) => format!(
-                "{OVER_MEMORY} of {} MiB per call ({e})",
-                self.limits.max_memory_bytes >> 20
-            ),
-            other => other.to_string(),
+            inner @ (EvalAltResult::ErrorTerminated(..) | EvalAltResult::ErrorDataTooLarge(..)) => {
+                (
+                    HookErrorKind::Memory,
+                    format!(
+                        "{OVER_MEMORY} of {} MiB per call ({inner})",
+                        self.limits.max_memory_bytes >> 20
+                    ),
+                )
+            }
+            EvalAltResult::ErrorRuntime(value, _) if value.is::<FieldError>() => {
+                let field = value.clone().cast::<FieldError>();
+                let kind = match field {
+                    FieldError::NotAnAlert(_) => HookErrorKind::NotAnAlert,
+                    FieldError::NoField { .. } => HookErrorKind::Runtime,
+                };
+                (kind, field.to_string())
+            }
+            _ => (HookErrorKind::Runtime, e.to_string()),
         };
-        HookError { hook, message }
+        HookError::new(hook, kind, message)
     }
 
+    /// An invalid return value.
     fn error(&self, message: String) -> HookError {
-        HookError {
-            hook: self.name.clone(),
-            message,
-        }
+        HookError::new(&self.name, HookErrorKind::Returned, message)
     }
 
     fn convert(&self, value: Dynamic) -> Result<Returned, HookError> {
@@ -382,7 +409,7 @@ impl RhaiHook {
 /// A value as attribute text, formatted as the Lua engine does.
 fn text(value: &Dynamic) -> String {
     match value.as_float() {
-        Ok(f) => crate::hook::script::format_float(f),
+        Ok(f) => format_float(f),
         Err(_) => value.to_string(),
     }
 }

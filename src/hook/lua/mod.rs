@@ -28,8 +28,11 @@ use mlua::{
 use crate::alert::avro::Value as AvroValue;
 use crate::alert::Decoder;
 use crate::envelope::Envelope;
-use crate::hook::script::{AlertRecord, Compiled, Environment, Limits, Returned, ScriptMessage};
-use crate::hook::{Decision, Hook, HookError, MessageView};
+use crate::hook::message::{AlertRecord, FieldError, ScriptMessage};
+use crate::hook::returned::Returned;
+use crate::hook::{
+    Compiled, Decision, Environment, Hook, HookError, HookErrorKind, Limits, MessageView,
+};
 
 /// How many instructions run between two checks of the budget.
 const INSTRUCTIONS_PER_CHECK: u32 = 1_000;
@@ -82,11 +85,11 @@ impl UserData for AlertRecord {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_meta_method(MetaMethod::Index, |lua, r, name: mlua::String| {
             let name = name.to_str()?;
-            let v = r.get(&name).map_err(mlua::Error::RuntimeError)?;
+            let v = r.get(&name).map_err(mlua::Error::external)?;
             alert_value(lua, &v, v.value)
         });
         methods.add_meta_method(MetaMethod::ToString, |_, r, ()| {
-            Ok(r.to_json().map_err(mlua::Error::RuntimeError)?.to_string())
+            Ok(r.to_json().map_err(mlua::Error::external)?.to_string())
         });
     }
 }
@@ -190,12 +193,9 @@ fn message_metatable(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
                 b"schema_id" => m.schema_id().into_lua(lua)?,
                 b"schema_version" => m
                     .schema_version()
-                    .map_err(mlua::Error::RuntimeError)?
+                    .map_err(mlua::Error::external)?
                     .into_lua(lua)?,
-                b"alert" => m
-                    .alert()
-                    .map_err(mlua::Error::RuntimeError)?
-                    .into_lua(lua)?,
+                b"alert" => m.alert().map_err(mlua::Error::external)?.into_lua(lua)?,
                 b"headers" => {
                     let t = lua.create_table()?;
                     for h in m.headers.iter() {
@@ -234,10 +234,7 @@ fn state(
     source: &str,
     limits: Limits,
 ) -> Result<(Lua, Function, Rc<Cell<u64>>), HookError> {
-    let err = |message: String| HookError {
-        hook: name.to_string(),
-        message,
-    };
+    let err = |message: String| HookError::new(name, HookErrorKind::Load, message);
     let lua = Lua::new_with(
         StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8,
         LuaOptions::default(),
@@ -295,10 +292,7 @@ fn state(
         move |_, _| {
             let n = left.get();
             if n < u64::from(INSTRUCTIONS_PER_CHECK) {
-                return Err(mlua::Error::RuntimeError(format!(
-                    "over the limit of {} instructions per call",
-                    limits.max_operations
-                )));
+                return Err(mlua::Error::external(OverOperations(limits.max_operations)));
             }
             left.set(n - u64::from(INSTRUCTIONS_PER_CHECK));
             Ok(VmState::Continue)
@@ -309,14 +303,58 @@ fn state(
         .set_name(format!("@{name}"))
         .set_mode(mlua::ChunkMode::Text)
         .exec()
-        .map_err(|e| err(format!("at load: {}", lua_error(&e))))?;
+        .map_err(|e| {
+            let (kind, message) = classify(&e);
+            let kind = match kind {
+                HookErrorKind::Runtime | HookErrorKind::NotAnAlert => HookErrorKind::Load,
+                other => other,
+            };
+            HookError::new(name, kind, format!("at load: {message}"))
+        })?;
     let route: Function = lua
         .globals()
         .get::<Option<Function>>("route")
         .ok()
         .flatten()
-        .ok_or_else(|| err("the script must define `function route(msg)`".into()))?;
+        .ok_or_else(|| {
+            HookError::new(
+                name,
+                HookErrorKind::Compile,
+                "the script must define `function route(msg)`",
+            )
+        })?;
     Ok((lua, route, budget))
+}
+
+/// The instruction limit, as the error it raises.
+#[derive(Debug, thiserror::Error)]
+#[error("over the limit of {0} instructions per call")]
+struct OverOperations(u64);
+
+/// A Lua error's kind, from the typed errors it carries, and its text.
+fn classify(e: &mlua::Error) -> (HookErrorKind, String) {
+    let kind = if matches!(e, mlua::Error::SyntaxError { .. }) {
+        HookErrorKind::Compile
+    } else if e.chain().any(|c| c.is::<OverOperations>()) {
+        HookErrorKind::Operations
+    } else if e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<mlua::Error>(),
+            Some(mlua::Error::MemoryError(_))
+        )
+    }) || matches!(e, mlua::Error::MemoryError(_))
+    {
+        HookErrorKind::Memory
+    } else if e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<FieldError>())
+        .any(|f| matches!(f, FieldError::NotAnAlert(_)))
+    {
+        HookErrorKind::NotAnAlert
+    } else {
+        HookErrorKind::Runtime
+    };
+    (kind, lua_error(e))
 }
 
 /// A Lua error as one line: `file:line: message`.
@@ -369,10 +407,8 @@ impl Compiled for LuaScript {
             unsafe { lua.exec_raw::<()>((), |state| main = state)? };
             Ok((route, meta, error, main))
         };
-        let (route, meta, error, main) = setup().map_err(|e| HookError {
-            hook: name.clone(),
-            message: lua_error(&e),
-        })?;
+        let (route, meta, error, main) =
+            setup().map_err(|e| HookError::new(&name, HookErrorKind::Load, lua_error(&e)))?;
         Ok(Box::new(LuaHook {
             lua,
             main,
@@ -430,30 +466,27 @@ impl Hook for LuaHook {
         self.current.message.borrow_mut().take();
         if !ok {
             let raised = self.lua.registry_value::<Value>(&self.error);
-            return Err(self.error(match raised {
-                Ok(Value::Error(e)) => lua_error(&e),
-                Ok(Value::String(s)) => s
-                    .to_string_lossy()
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-                Ok(other) => format!("route() raised a {}", other.type_name()),
-                Err(e) => lua_error(&e),
-            }));
+            let (kind, message) = match raised {
+                Ok(Value::Error(e)) => classify(&e),
+                Ok(Value::String(s)) => (
+                    HookErrorKind::Runtime,
+                    s.to_string_lossy()
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                ),
+                Ok(other) => (
+                    HookErrorKind::Runtime,
+                    format!("route() raised a {}", other.type_name()),
+                ),
+                Err(e) => classify(&e),
+            };
+            return Err(HookError::new(&self.name, kind, message));
         }
         match call.invalid {
             None => Ok(call.returned.into_decision()),
-            Some(why) => Err(self.error(why)),
-        }
-    }
-}
-
-impl LuaHook {
-    fn error(&self, message: String) -> HookError {
-        HookError {
-            hook: self.name.clone(),
-            message,
+            Some(why) => Err(HookError::new(&self.name, HookErrorKind::Returned, why)),
         }
     }
 }

@@ -34,7 +34,8 @@ use std::io::Write;
 
 use mlua::ffi::{self, lua_State};
 
-use crate::hook::script::{format_float, sample, sample_bytes, Returned, DECISION_KEYS};
+use crate::hook::returned::{format_float, Returned, DECISION_KEYS};
+use crate::hook::sampling::{sample, sample_bytes};
 
 /// One call of the script: what [`call_route`] needs, and what it found.
 pub(super) struct Call<'a> {
