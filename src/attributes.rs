@@ -52,8 +52,6 @@ pub enum Violation {
     ReservedKey(String),
     #[error("attribute `{0}` has a {1}-byte value, over Pub/Sub's 1024")]
     ValueTooLong(String, usize),
-    #[error("attribute `{0}` is not valid UTF-8")]
-    NotUtf8(String),
     #[error("{0} attributes, over Pub/Sub's 100")]
     TooMany(usize),
 }

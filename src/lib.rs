@@ -35,7 +35,7 @@
 //! published twice; their number is bounded by the in-flight limits.
 
 pub mod alert;
-pub mod attributes;
+pub(crate) mod attributes;
 pub mod check;
 pub mod config;
 pub mod envelope;
@@ -43,10 +43,10 @@ pub mod hook;
 pub mod http;
 pub mod memory;
 pub mod metrics;
-pub mod offsets;
+pub(crate) mod offsets;
 pub mod pipeline;
-pub mod secret;
+pub(crate) mod secret;
 pub mod shutdown;
-pub mod sink;
+pub(crate) mod sink;
 pub mod source;
 pub mod tail;

@@ -266,6 +266,7 @@ impl OffsetTracker {
     }
 
     /// The safe offset of a partition: every offset below it is acknowledged.
+    #[cfg(test)]
     pub fn safe_offset(&self, key: &PartitionKey) -> Option<i64> {
         self.partitions.get(key).and_then(|p| p.safe)
     }

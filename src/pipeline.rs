@@ -33,7 +33,7 @@ use crate::envelope::Envelope;
 use crate::hook::{Decision, Hook, HookError, HookFactory, MessageView};
 use crate::metrics::Metrics;
 use crate::offsets::{Ack, Outcome};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Fatal, Shutdown};
 use crate::sink::pubsub::{check_topics, Delivery, Endpoint, PubsubSink, SinkError};
 use crate::source::consumer::{ConsumerLoop, Ledger, Settings};
 use crate::source::kafka::{self, KafkaSource, SourceContext, SourceError};
@@ -53,13 +53,15 @@ pub enum BridgeError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Hook(#[from] HookError),
-    #[error("cannot start: {0}")]
-    Runtime(String),
+    #[error("cannot start the Pub/Sub runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("a worker thread stopped before it started")]
+    WorkerLost,
     #[error("cannot serve metrics: {0}")]
     Metrics(#[from] crate::http::ServeError),
     /// A fatal error while running (a permanent publish failure, ...).
-    #[error("{0}")]
-    Fatal(String),
+    #[error(transparent)]
+    Fatal(#[from] Fatal),
 }
 
 /// What a run did, for the caller's last log line.
@@ -102,7 +104,7 @@ pub fn run_with_clock(
         .thread_name("ztfhook-pubsub")
         .enable_all()
         .build()
-        .map_err(|e| BridgeError::Runtime(e.to_string()))?;
+        .map_err(BridgeError::Runtime)?;
     let metrics = Arc::new(Metrics::new());
     if let Some(address) = config.metrics_listen {
         let bound = crate::http::serve(address, Arc::clone(&metrics), Arc::clone(&hooks))
@@ -183,7 +185,7 @@ pub fn run_with_clock(
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(BridgeError::Hook(e)),
-            Err(_) => return Err(BridgeError::Fatal("a worker died before it started".into())),
+            Err(_) => return Err(BridgeError::WorkerLost),
         }
     }
     tracing::info!("hook {} on {} workers", hooks.name(), threads.len());
@@ -249,7 +251,7 @@ pub fn run_with_clock(
         abandoned: drained.abandoned,
     };
     match shutdown.fatal() {
-        Some(error) => Err(BridgeError::Fatal(error.to_string())),
+        Some(error) => Err(BridgeError::Fatal(error.clone())),
         None => Ok(summary),
     }
 }
@@ -261,10 +263,7 @@ struct FailOnPanic(Arc<Shutdown>, usize);
 impl Drop for FailOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.fail(format!(
-                "worker {} died (a panic outside the hook); the bridge stops",
-                self.1
-            ));
+            self.0.fail(Fatal::WorkerDied { worker: self.1 });
         }
     }
 }
@@ -413,8 +412,7 @@ impl Worker {
                 let _ = self.acks.send(Ack::new(&envelope, Outcome::Dropped));
             }
             ErrorPolicy::Stop => {
-                self.shutdown
-                    .fail(format!("{at}: {reason}; hook.on_error = \"stop\", so the bridge stops without committing it"));
+                self.shutdown.fail(Fatal::HookStop { at, reason });
                 let _ = self.acks.send(Ack::new(&envelope, Outcome::Failed));
             }
         }

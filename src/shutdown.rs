@@ -7,16 +7,42 @@
 //! that was not acknowledged by Pub/Sub is ever committed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
+
+/// Why the bridge stops on its own: each names the message (`at`, Kafka's
+/// `topic[partition]@offset`) or the part that can go no further.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Fatal {
+    #[error("worker {worker} stopped: {partition} can go no further")]
+    WorkerStopped { worker: usize, partition: String },
+    #[error("worker {worker} died (a panic outside the hook); the bridge stops")]
+    WorkerDied { worker: usize },
+    #[error("{error}; kafka_errors = \"stop\" (the default), so the bridge stops without committing past it (set pipeline.kafka_errors = \"skip\" to dead-letter such errors and go on)")]
+    KafkaError { error: String },
+    #[error("pubsub topic `{topic}`: publishing {at} failed permanently: {reason}")]
+    PublishFailed {
+        topic: String,
+        at: String,
+        reason: String,
+    },
+    #[error("{at}: {reason}; no pubsub.dead_letter_topic is configured, so the bridge stops rather than skip it")]
+    NoDeadLetterTopic { at: String, reason: String },
+    #[error("{at}: the dead-letter topic `{topic}` refused it too: {reason}")]
+    DeadLetterRefused {
+        at: String,
+        topic: String,
+        reason: String,
+    },
+    #[error("{at}: {reason}; hook.on_error = \"stop\", so the bridge stops without committing it")]
+    HookStop { at: String, reason: String },
+}
 
 /// Set once; read by every long-running loop.
 #[derive(Debug, Default)]
 pub struct Shutdown {
     stopping: AtomicBool,
     /// The first fatal error, if the stop was caused by one.
-    fatal: OnceLock<String>,
-    /// Woken when the stop is requested, for threads that sleep.
-    wake: (Mutex<()>, std::sync::Condvar),
+    fatal: OnceLock<Fatal>,
 }
 
 impl Shutdown {
@@ -27,13 +53,10 @@ impl Shutdown {
     /// Asks every loop to stop after draining.
     pub fn request(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let _guard = self.wake.0.lock();
-        self.wake.1.notify_all();
     }
 
     /// Stops with an error; the first error wins and is what the process reports.
-    pub fn fail(&self, error: impl Into<String>) {
-        let error = error.into();
+    pub fn fail(&self, error: Fatal) {
         if self.fatal.set(error.clone()).is_ok() {
             tracing::error!("{error}");
         }
@@ -45,17 +68,8 @@ impl Shutdown {
     }
 
     /// The fatal error that caused the stop, if any.
-    pub fn fatal(&self) -> Option<&str> {
-        self.fatal.get().map(String::as_str)
-    }
-
-    /// Sleeps up to `timeout`, waking early if a stop is requested.
-    pub fn sleep(&self, timeout: std::time::Duration) {
-        let guard = self.wake.0.lock().unwrap_or_else(|e| e.into_inner());
-        if self.is_stopping() {
-            return;
-        }
-        let _ = self.wake.1.wait_timeout(guard, timeout);
+    pub fn fatal(&self) -> Option<&Fatal> {
+        self.fatal.get()
     }
 }
 

@@ -10,11 +10,11 @@
 //!   the core's attributes only.
 
 pub mod limits;
-pub mod lua;
-pub mod message;
+pub(crate) mod lua;
+pub(crate) mod message;
 pub mod reload;
-pub mod returned;
-pub mod rhai;
+pub(crate) mod returned;
+pub(crate) mod rhai;
 pub mod sampling;
 pub mod script;
 

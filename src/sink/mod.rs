@@ -1,3 +1,3 @@
 //! Where messages go. One sink today: Google Cloud Pub/Sub.
 
-pub mod pubsub;
+pub(crate) mod pubsub;

@@ -36,7 +36,7 @@ use crate::config::{AttributeOptions, Batching, Config, TopicName};
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
 use crate::offsets::{Ack, Outcome};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Fatal, Shutdown};
 
 /// How long the crate retries a transient error itself before handing it to
 /// ztfhook's own retry loop (which logs and retries again, without limit).
@@ -123,7 +123,6 @@ pub struct Delivery {
 /// Publishers per topic, and the task that sees each publish through.
 pub struct PubsubSink {
     runtime: tokio::runtime::Handle,
-    endpoint: Endpoint,
     base: BasePublisher,
     batching: Batching,
     options: AttributeOptions,
@@ -258,7 +257,6 @@ impl PubsubSink {
         })?;
         Ok(PubsubSink {
             runtime: tokio::runtime::Handle::current(),
-            endpoint,
             base,
             batching: config.batching,
             options: config.attributes,
@@ -270,10 +268,6 @@ impl PubsubSink {
             shutdown,
             metrics,
         })
-    }
-
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
     }
 
     /// The shared publisher of a topic, created on first use.
@@ -559,10 +553,11 @@ impl PubsubSink {
         e: &google_cloud_pubsub::Error,
     ) -> Delivered {
         let m = &job.envelope;
-        self.shutdown.fail(format!(
-            "pubsub topic `{topic}`: publishing {}[{}]@{} failed permanently: {e}",
-            m.topic, m.partition, m.offset
-        ));
+        self.shutdown.fail(Fatal::PublishFailed {
+            topic: topic.to_string(),
+            at: format!("{}[{}]@{}", m.topic, m.partition, m.offset),
+            reason: e.to_string(),
+        });
         Delivered::Failed
     }
 
@@ -688,10 +683,13 @@ impl PubsubSink {
         with_payload: bool,
     ) {
         let Some(dlq) = self.dead_letter.clone() else {
-            self.shutdown.fail(format!(
-                "{}[{}]@{}: {reason}; no pubsub.dead_letter_topic is configured, so the bridge stops rather than skip it",
-                envelope.topic, envelope.partition, envelope.offset
-            ));
+            self.shutdown.fail(Fatal::NoDeadLetterTopic {
+                at: format!(
+                    "{}[{}]@{}",
+                    envelope.topic, envelope.partition, envelope.offset
+                ),
+                reason,
+            });
             self.ack(&envelope, Outcome::Failed);
             return;
         };
@@ -742,30 +740,20 @@ impl PubsubSink {
             {
                 Delivered::Accepted => Outcome::DeadLettered,
                 Delivered::Refused(why) => {
-                    sink.shutdown.fail(format!(
-                        "{}[{}]@{}: the dead-letter topic `{dlq}` refused it too: {why}",
-                        job.envelope.topic, job.envelope.partition, job.envelope.offset
-                    ));
+                    sink.shutdown.fail(Fatal::DeadLetterRefused {
+                        at: format!(
+                            "{}[{}]@{}",
+                            job.envelope.topic, job.envelope.partition, job.envelope.offset
+                        ),
+                        topic: dlq.to_string(),
+                        reason: why,
+                    });
                     Outcome::Failed
                 }
                 Delivered::Failed => Outcome::Failed,
             };
             sink.ack(&job.envelope, outcome);
         });
-    }
-
-    /// Sends everything the publishers hold, and waits for the answers.
-    pub async fn flush(&self) {
-        let publishers: Vec<Publisher> = self
-            .publishers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for p in publishers {
-            p.flush().await;
-        }
     }
 }
 

@@ -47,7 +47,7 @@ use crate::config::{KafkaErrorPolicy, Pipeline, TombstonePolicy};
 use crate::envelope::Envelope;
 use crate::metrics::{Metrics, StatsLine};
 use crate::offsets::{Ack, OffsetTracker, Outcome, PartitionKey};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Fatal, Shutdown};
 use crate::source::subscription::Subscription;
 
 /// How long the in-flight bound may stay reached before the partitions are
@@ -554,8 +554,10 @@ impl<S: Source> ConsumerLoop<S> {
         envelope.epoch = self.ledger().tracker.register(&key, envelope.offset, size);
         let worker = worker_for(&key, self.work.len());
         if self.work[worker].send(envelope).is_err() {
-            self.shutdown
-                .fail(format!("worker {worker} stopped: {key} can go no further"));
+            self.shutdown.fail(Fatal::WorkerStopped {
+                worker,
+                partition: key.to_string(),
+            });
         }
     }
 
@@ -575,9 +577,7 @@ impl<S: Source> ConsumerLoop<S> {
                     let epoch = l.tracker.register(k, *o, 0);
                     l.tracker.fail(k, epoch, *o);
                 }
-                self.shutdown.fail(format!(
-                    "{what}; kafka_errors = \"stop\" (the default), so the bridge stops without committing past it (set pipeline.kafka_errors = \"skip\" to dead-letter such errors and go on)"
-                ));
+                self.shutdown.fail(Fatal::KafkaError { error: what });
             }
             KafkaErrorPolicy::Skip => {
                 self.metrics

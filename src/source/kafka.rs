@@ -35,21 +35,39 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
 /// Errors from the Kafka side; each names its subject.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("kafka: cannot create the consumer: {0}")]
-    Create(String),
-    #[error("kafka: the brokers at `{servers}` did not answer: {message}")]
-    Unreachable { servers: String, message: String },
+    /// librdkafka refused the configuration (its words, secrets removed).
+    #[error("kafka: cannot create the consumer: {reason}")]
+    Create { reason: String },
+    #[error("kafka: cannot create the consumer: sasl.kerberos.keytab `{keytab}` cannot be read: {source}")]
+    Keytab {
+        keytab: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kafka: cannot create the consumer: sasl.mechanism GSSAPI logs in with `kinit`, which is not on the PATH (Debian: apt-get install krb5-user)")]
+    NoKinit,
+    /// The start-up metadata request failed: librdkafka's last error, with
+    /// what to check for the configured authentication.
+    #[error("kafka: the brokers at `{servers}` did not answer: {reason}")]
+    Unreachable { servers: String, reason: String },
     #[error("kafka topic `{topic}` does not exist on `{servers}`")]
     TopicNotFound { topic: String, servers: String },
-    #[error("kafka topic `{topic}`: {message}")]
-    Topic { topic: String, message: String },
-    #[error("kafka: cannot subscribe to {topics:?}: {message}")]
+    #[error("kafka topic `{topic}`: {source}")]
+    Topic {
+        topic: String,
+        #[source]
+        source: rdkafka::types::RDKafkaErrorCode,
+    },
+    #[error("kafka: cannot subscribe to {topics:?}: {source}")]
     Subscribe {
         topics: Vec<String>,
-        message: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
     },
     #[error("kafka: commit failed: {0}")]
-    Commit(String),
+    Commit(#[source] rdkafka::error::KafkaError),
+    #[error("kafka: commit failed: the consumer has no queue for the answer")]
+    CommitNoQueue,
 }
 
 /// librdkafka callbacks: statistics, errors, and rebalances and commit
@@ -356,12 +374,10 @@ pub fn commit(
     let mut tpl = TopicPartitionList::with_capacity(offsets.len());
     for (k, o) in offsets {
         tpl.add_partition_offset(&k.topic, k.partition, Offset::Offset(*o))
-            .map_err(|e| SourceError::Commit(e.to_string()))?;
+            .map_err(SourceError::Commit)?;
     }
     match mode {
-        CommitMode::Sync => {
-            Consumer::commit(consumer, &tpl, mode).map_err(|e| SourceError::Commit(e.to_string()))
-        }
+        CommitMode::Sync => Consumer::commit(consumer, &tpl, mode).map_err(SourceError::Commit),
         CommitMode::Async => commit_async(consumer, &tpl),
     }
 }
@@ -387,7 +403,7 @@ fn commit_async(
     let err = unsafe {
         let queue = rd::rd_kafka_queue_get_consumer(rk);
         if queue.is_null() {
-            return Err(SourceError::Commit("the consumer has no queue".into()));
+            return Err(SourceError::CommitNoQueue);
         }
         let err = rd::rd_kafka_commit_queue(rk, tpl.ptr(), queue, None, std::ptr::null_mut());
         rd::rd_kafka_queue_destroy(queue);
@@ -397,7 +413,7 @@ fn commit_async(
         Ok(())
     } else {
         Err(SourceError::Commit(
-            rdkafka::error::KafkaError::ConsumerCommit(err.into()).to_string(),
+            rdkafka::error::KafkaError::ConsumerCommit(err.into()),
         ))
     }
 }
@@ -427,7 +443,9 @@ pub fn create(
         cc.set("statistics.interval.ms", stats_ms.to_string());
     }
     cc.create_with_context(context)
-        .map_err(|e| SourceError::Create(redact(config, &e.to_string())))
+        .map_err(|e| SourceError::Create {
+            reason: redact(config, &e.to_string()),
+        })
 }
 
 /// With GSSAPI, what librdkafka's login needs before it runs: a readable
@@ -442,16 +460,15 @@ fn check_kerberos(config: &Config) -> Result<(), SourceError> {
         return Ok(());
     }
     if let Some(keytab) = props.get("sasl.kerberos.keytab") {
-        if let Err(e) = std::fs::File::open(keytab) {
-            return Err(SourceError::Create(format!(
-                "sasl.kerberos.keytab `{keytab}` cannot be read: {e}"
-            )));
+        if let Err(source) = std::fs::File::open(keytab) {
+            return Err(SourceError::Keytab {
+                keytab: keytab.clone(),
+                source,
+            });
         }
     }
     if !props.contains_key("sasl.kerberos.kinit.cmd") && !on_path("kinit") {
-        return Err(SourceError::Create(
-            "sasl.mechanism GSSAPI logs in with `kinit`, which is not on the PATH (Debian: apt-get install krb5-user)".into(),
-        ));
+        return Err(SourceError::NoKinit);
     }
     Ok(())
 }
@@ -529,7 +546,7 @@ pub fn check_and_subscribe(
             }
             SourceError::Unreachable {
                 servers: servers.clone(),
-                message: redact(config, &message),
+                reason: redact(config, &message),
             }
         })?;
     for name in subscription.names() {
@@ -552,7 +569,7 @@ pub fn check_and_subscribe(
                     }
                     return Err(SourceError::Topic {
                         topic: name.to_string(),
-                        message: code.to_string(),
+                        source: code,
                     });
                 }
             },
@@ -593,7 +610,7 @@ pub fn subscribe(
         .subscribe(&topics)
         .map_err(|e| SourceError::Subscribe {
             topics: patterns.to_vec(),
-            message: e.to_string(),
+            source: e,
         })
 }
 

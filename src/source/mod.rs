@@ -1,5 +1,5 @@
 //! Where messages come from. One source today: Kafka.
 
 pub(crate) mod consumer;
-pub mod kafka;
+pub(crate) mod kafka;
 pub mod subscription;
