@@ -9,18 +9,24 @@
 //! # Layout
 //!
 //! ```text
-//! config.rs        TOML -> raw serde structs -> validated, typed Config (once, at start-up)
-//! envelope.rs      the owned Kafka message that travels from the consumer to the publisher
-//! hook/mod.rs      the Hook trait: MessageView in, Decision out; the built-in pass-through
-//! attributes.rs    Pub/Sub attribute limits; Kafka metadata and headers as attributes
-//! offsets.rs       per-partition acknowledgement tracking -> the offsets safe to commit
+//! config/            TOML -> raw serde structs -> validated, typed Config (once, at start-up)
+//! envelope.rs        the owned Kafka message that travels from the consumer to the publisher
+//! hook/mod.rs        the Hook trait: MessageView in, Decision out; HookError; the pass-through
+//! hook/limits.rs     the limits of a script call (both engines); message.rs, returned.rs,
+//!                    sampling.rs: what the engines share; rhai.rs, lua/: the engines;
+//!                    script.rs: loading (engine by extension, deadline); reload.rs: live edits
+//! attributes.rs      Pub/Sub attribute limits; Kafka metadata and headers as attributes
+//! offsets.rs         per-partition acknowledgement tracking -> the offsets safe to commit
 //! source/consumer.rs the consumer loop: owns assignment, pause state, the ledger and commits,
-//!                  behind the Source/Partitions traits (librdkafka, or a fake in its tests)
-//! source/kafka.rs  librdkafka: consumer creation, subscription, rebalance callbacks
-//! sink/pubsub.rs   publishers per topic, Pub/Sub limits, retries, health check
-//! pipeline.rs      the wiring: services, the crossbeam worker pool, the hook per worker
-//! shutdown.rs      the shared stop signal (SIGINT/SIGTERM or a fatal error)
-//! metrics.rs       counters, one place, and the periodic stats line
+//!                    behind the Source/Partitions traits (librdkafka, or a fake in its tests)
+//! source/kafka.rs    librdkafka: consumer creation, subscription, rebalance callbacks
+//! sink/pubsub.rs     publishers per topic, Pub/Sub limits, retries, health check
+//! pipeline.rs        the wiring: services, the crossbeam worker pool, the hook per worker
+//! shutdown.rs        the shared stop signal, and the typed reasons the bridge stops
+//! metrics.rs         counters, one place, and the periodic stats line
+//! http.rs            /metrics and /healthz (hyper), hardened against hostile clients
+//! secret.rs          which settings are secret; URLs and errors scrubbed before shown
+//! memory.rs          the allocator, counting per thread (a Rhai call's memory bound)
 //! ```
 //!
 //! # Delivery guarantee

@@ -155,6 +155,7 @@ pub struct Pubsub {
     pub endpoint: Option<String>,
 }
 
+/// How messages are grouped into publish requests, per destination topic.
 #[derive(Debug, Clone, Copy)]
 pub struct Batching {
     pub max_messages: u32,
@@ -238,8 +239,6 @@ pub enum ConfigError {
         message: String,
     },
 }
-
-// ---- raw, as written in the file ------------------------------------------
 
 impl Config {
     /// Reads and validates a configuration file.
@@ -509,6 +508,28 @@ topic = "ztf-alerts"
             e.contains("`hook.script`") && e.contains(".rhai or .lua"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn hook_limits_are_read_and_out_of_range_ones_named() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[hook]\nmax_memory_mb = 16\nmax_operations = 5000\n"
+        ))
+        .unwrap();
+        assert_eq!(c.hook.limits.max_memory_bytes, 16 << 20);
+        assert_eq!(c.hook.limits.max_operations, 5000);
+        for bad in [
+            "max_memory_mb = 0",
+            "max_memory_mb = 5000",
+            "max_operations = 10",
+        ] {
+            let e = error(&format!("{MINIMAL}\n[hook]\n{bad}\n"));
+            let key = bad.split(' ').next().unwrap();
+            assert!(
+                e.contains(&format!("`hook.{key}`")) && e.contains("out of range"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -69,7 +69,6 @@ pub fn check_topic_id(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// How messages are grouped into publish requests, per destination topic.
 /// Kafka's topic naming rule (letters, digits, `.`, `_`, `-`; at most 249),
 /// or a regular expression subscription starting with `^`.
 pub(super) fn check_kafka_topic(name: &str) -> Result<(), String> {

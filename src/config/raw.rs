@@ -5,6 +5,7 @@
 use serde::Deserialize;
 use toml::Spanned;
 
+/// The whole file.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ConfigFile {
@@ -129,5 +130,3 @@ impl Default for AttributesConfig {
 pub(super) fn yes() -> bool {
     true
 }
-
-// ---- validation -----------------------------------------------------------

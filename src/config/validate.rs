@@ -16,6 +16,7 @@ use super::raw::*;
 use super::spans::Locator;
 use super::*;
 
+/// `[kafka]`: librdkafka's properties (each probed), defaults, topics.
 pub(super) fn validate_kafka(at: &Locator<'_>, table: toml::Table) -> Result<Kafka, ConfigError> {
     let mut entries = Vec::new();
     flatten("", table, &mut entries);

@@ -295,15 +295,20 @@ impl RhaiHook {
                     self.limits.max_operations
                 ),
             ),
-            inner @ (EvalAltResult::ErrorTerminated(..) | EvalAltResult::ErrorDataTooLarge(..)) => {
-                (
-                    HookErrorKind::Memory,
-                    format!(
-                        "{OVER_MEMORY} of {} MiB per call ({inner})",
-                        self.limits.max_memory_bytes >> 20
-                    ),
-                )
-            }
+            EvalAltResult::ErrorTerminated(..) => (
+                HookErrorKind::Memory,
+                format!(
+                    "{OVER_MEMORY} of {} MiB per call (what the call holds together)",
+                    self.limits.max_memory_bytes >> 20
+                ),
+            ),
+            inner @ EvalAltResult::ErrorDataTooLarge(..) => (
+                HookErrorKind::Memory,
+                format!(
+                    "{OVER_MEMORY} of {} MiB per call (one value: {inner})",
+                    self.limits.max_memory_bytes >> 20
+                ),
+            ),
             EvalAltResult::ErrorRuntime(value, _) if value.is::<FieldError>() => {
                 let field = value.clone().cast::<FieldError>();
                 let kind = match field {
