@@ -39,19 +39,47 @@ pub enum Command {
     CheckConfig,
     /// Print what arrives on the configured topics (or --topic), one line per
     /// alert, without committing anything for the bridge's group.
+    ///
+    /// Kafka's console consumer's arguments work too, with the files it is
+    /// given: `--bootstrap-server HOST:PORT --consumer.config FILE` (Java
+    /// properties), and Kerberos or SCRAM from the JAAS file that
+    /// `KAFKA_OPTS=-Djava.security.auth.login.config=FILE` names (or
+    /// `--jaas FILE`); then the TOML config is not read.
     Tail {
         /// Start at the oldest message, not at new ones.
         #[arg(long)]
         from_beginning: bool,
         /// Stop after this many messages.
-        #[arg(long)]
+        #[arg(long, alias = "max-messages")]
         max: Option<u64>,
+        /// The brokers (Kafka's console consumer's flag).
+        #[arg(long = "bootstrap-server")]
+        bootstrap_server: Option<String>,
+        /// A Java consumer properties file (Kafka's console consumer's flag).
+        #[arg(long = "consumer.config")]
+        consumer_config: Option<PathBuf>,
+        /// A JAAS file with a `KafkaClient` section; by default the one
+        /// `KAFKA_OPTS` names with `-Djava.security.auth.login.config=`.
+        #[arg(long)]
+        jaas: Option<PathBuf>,
         /// How to print each message.
         #[arg(long, value_enum, default_value = "line")]
         format: ztfhook::tail::Format,
         /// Topics to read instead of the config's (names, ^regex or date templates).
         #[arg(long = "topic")]
         topics: Vec<String>,
+    },
+    /// Print the ztfhook configuration that does what a Kafka Connect worker
+    /// file and a CloudPubSubSinkConnector file do, with a comment on each
+    /// setting not carried over.
+    ImportConnect {
+        /// The Kafka Connect worker properties file.
+        worker: PathBuf,
+        /// The connector properties file.
+        connector: PathBuf,
+        /// Write it here instead of to stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
     },
     /// Run the hook (--script) on alert files offline and print each decision.
     Check {

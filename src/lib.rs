@@ -44,6 +44,7 @@ pub mod alert;
 pub(crate) mod attributes;
 pub mod check;
 pub mod config;
+pub mod connect;
 pub mod envelope;
 pub mod hook;
 pub mod http;

@@ -53,6 +53,45 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(cli::Command::ImportConnect {
+        worker,
+        connector,
+        output,
+    }) = &cli.command
+    {
+        return import_connect(worker, connector, output.as_deref());
+    }
+    if let Some(cli::Command::Tail {
+        bootstrap_server,
+        consumer_config,
+        jaas,
+        ..
+    }) = &cli.command
+    {
+        let jaas = jaas.clone().or_else(|| {
+            std::env::var("KAFKA_OPTS")
+                .ok()
+                .and_then(|o| ztfhook::tail::jaas_from_kafka_opts(&o))
+        });
+        if bootstrap_server.is_some() || consumer_config.is_some() {
+            return match ztfhook::tail::TailSource::from_console(
+                bootstrap_server.as_deref(),
+                consumer_config.as_deref(),
+                jaas.as_deref(),
+            ) {
+                Ok((source, notes)) => {
+                    for n in notes {
+                        tracing::info!("not used: {n}");
+                    }
+                    tail(&cli, &source)
+                }
+                Err(e) => {
+                    eprintln!("ztfhook: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -64,35 +103,8 @@ fn main() -> ExitCode {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     }
-    if let Some(cli::Command::Tail {
-        from_beginning,
-        max,
-        format,
-        topics,
-    }) = &cli.command
-    {
-        let shutdown = Arc::new(Shutdown::new());
-        // Ctrl-C stops the loop after the message in hand.
-        let signals = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build();
-        if let Ok(rt) = &signals {
-            rt.spawn(ztfhook::shutdown::listen_for_signals(Arc::clone(&shutdown)));
-        }
-        let options = ztfhook::tail::TailOptions {
-            from_beginning: *from_beginning,
-            max: *max,
-            format: *format,
-            topics: topics.clone(),
-        };
-        return match ztfhook::tail::run(&config, &options, &shutdown, &mut std::io::stdout()) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ztfhook: {e}");
-                ExitCode::from(1)
-            }
-        };
+    if let Some(cli::Command::Tail { .. }) = &cli.command {
+        return tail(&cli, &ztfhook::tail::TailSource::from_config(&config));
     }
     let script = cli.script.clone().or_else(|| config.hook.script.clone());
     let mut _watcher = None;
@@ -135,4 +147,74 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `ztfhook tail`, from either source.
+fn tail(cli: &cli::Cli, source: &ztfhook::tail::TailSource) -> ExitCode {
+    let Some(cli::Command::Tail {
+        from_beginning,
+        max,
+        format,
+        topics,
+        ..
+    }) = &cli.command
+    else {
+        return ExitCode::from(2);
+    };
+    let shutdown = Arc::new(Shutdown::new());
+    // Ctrl-C stops the loop after the message in hand.
+    let signals = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build();
+    if let Ok(rt) = &signals {
+        rt.spawn(ztfhook::shutdown::listen_for_signals(Arc::clone(&shutdown)));
+    }
+    let options = ztfhook::tail::TailOptions {
+        from_beginning: *from_beginning,
+        max: *max,
+        format: *format,
+        topics: topics.clone(),
+    };
+    match ztfhook::tail::run(source, &options, &shutdown, &mut std::io::stdout()) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ztfhook: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `ztfhook import-connect`.
+fn import_connect(
+    worker: &std::path::Path,
+    connector: &std::path::Path,
+    output: Option<&std::path::Path>,
+) -> ExitCode {
+    use ztfhook::connect::properties::Properties;
+    let imported = Properties::load(worker)
+        .and_then(|w| Properties::load(connector).map(|c| (w, c)))
+        .map_err(ztfhook::connect::import::ImportError::from)
+        .and_then(|(w, c)| ztfhook::connect::import::import(&w, &c));
+    let imported = match imported {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("ztfhook: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match output {
+        None => print!("{}", imported.toml),
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, &imported.toml) {
+                eprintln!("ztfhook: {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+            eprintln!("ztfhook: wrote {}", path.display());
+        }
+    }
+    for (var, what) in &imported.variables {
+        eprintln!("ztfhook: set {var} before running it: {what}");
+    }
+    ExitCode::SUCCESS
 }

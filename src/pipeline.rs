@@ -28,7 +28,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver};
 use google_cloud_pubsub::client::Publisher;
 
 use crate::attributes::{self, MAX_MESSAGE_BYTES};
-use crate::config::{Config, ErrorPolicy, TopicName};
+use crate::config::{Config, ErrorPolicy, OrderingKeySource, TopicName};
 use crate::envelope::Envelope;
 use crate::hook::{Decision, Hook, HookError, HookFactory, MessageView};
 use crate::metrics::Metrics;
@@ -288,6 +288,8 @@ struct Worker {
     topics: HashMap<String, (TopicName, Publisher)>,
     /// Acknowledge instead of publishing (`pipeline.sink = "discard"`).
     discard: bool,
+    /// The ordering key of messages the hook gives none.
+    ordering: OrderingKeySource,
 }
 
 impl Worker {
@@ -317,6 +319,7 @@ impl Worker {
             default_publisher,
             topics: HashMap::new(),
             discard: config.pipeline.discard,
+            ordering: config.pubsub.ordering_key,
         }
     }
 
@@ -357,6 +360,16 @@ impl Worker {
             ordering_key,
             ..
         } = decision;
+        let ordering_key = ordering_key.or_else(|| match self.ordering {
+            OrderingKeySource::None => None,
+            OrderingKeySource::Key => envelope
+                .key
+                .as_deref()
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .filter(|k| !k.is_empty())
+                .map(str::to_string),
+            OrderingKeySource::Partition => Some(envelope.partition.to_string()),
+        });
         let (topics, publishers) = match self.resolve(&named) {
             Ok(t) => t,
             Err(why) => return self.hook_failed(envelope, why),

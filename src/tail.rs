@@ -42,11 +42,115 @@ pub struct TailOptions {
     pub topics: Vec<String>,
 }
 
+/// Where to tail from: the brokers' settings, the group the throw-away
+/// group is named after, the topics, and the schemas of Rubin alerts.
+#[derive(Debug, Clone)]
+pub struct TailSource {
+    /// librdkafka properties (secrets resolved: never printed).
+    pub properties: std::collections::BTreeMap<String, String>,
+    pub group: String,
+    pub topics: Vec<String>,
+    pub previous_nights: u32,
+    pub alerts: crate::alert::SchemaSources,
+}
+
+impl TailSource {
+    /// The bridge's own configuration.
+    pub fn from_config(config: &Config) -> TailSource {
+        TailSource {
+            properties: config.kafka.properties.clone().into_iter().collect(),
+            group: config.kafka.group_id().to_string(),
+            topics: config.kafka.topics.clone(),
+            previous_nights: config.kafka.previous_nights,
+            alerts: config.alerts.clone(),
+        }
+    }
+
+    /// What Kafka's console consumer is given: `--bootstrap-server`,
+    /// `--consumer.config FILE` (Java properties) and a JAAS file (from
+    /// `--jaas` or `KAFKA_OPTS=-Djava.security.auth.login.config=FILE`).
+    /// Returns the settings not used, each with why.
+    ///
+    /// # Errors
+    /// A file that cannot be read, naming it.
+    pub fn from_console(
+        bootstrap: Option<&str>,
+        consumer_config: Option<&std::path::Path>,
+        jaas: Option<&std::path::Path>,
+    ) -> Result<(TailSource, Vec<String>), TailError> {
+        use crate::connect::client::{Client, Setting};
+        let mut settings = Vec::new();
+        if let Some(path) = consumer_config {
+            let props = crate::connect::properties::Properties::load(path)
+                .map_err(|e| TailError::Input(e.to_string()))?;
+            for e in props.entries() {
+                settings.push(Setting {
+                    key: e.key.clone(),
+                    value: e.value.clone(),
+                    at: format!("{}:{}", path.display(), e.line),
+                });
+            }
+        }
+        if let Some(b) = bootstrap {
+            settings.push(Setting {
+                key: "bootstrap.servers".into(),
+                value: b.to_string(),
+                at: "--bootstrap-server".into(),
+            });
+        }
+        let mut client = Client::translate(&settings);
+        if let Some(path) = jaas {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| TailError::Input(format!("{}: {e}", path.display())))?;
+            let sections = crate::connect::jaas::parse_file(&text)
+                .map_err(|e| TailError::Input(format!("{}: {e}", path.display())))?;
+            let Some(modules) = sections.get("KafkaClient") else {
+                return Err(TailError::Input(format!(
+                    "{}: no KafkaClient section (the one Kafka's clients read)",
+                    path.display()
+                )));
+            };
+            for m in modules {
+                client.login_module(m, &path.display().to_string());
+            }
+        }
+        let mut properties = client.resolved();
+        if !properties.contains_key("bootstrap.servers") {
+            return Err(TailError::Input(
+                "no brokers: give --bootstrap-server HOST:PORT (or bootstrap.servers in --consumer.config)".into(),
+            ));
+        }
+        let group = properties
+            .remove("group.id")
+            .unwrap_or_else(|| "console-consumer".into());
+        Ok((
+            TailSource {
+                properties,
+                group,
+                topics: Vec::new(),
+                previous_nights: 0,
+                alerts: crate::alert::SchemaSources::default(),
+            },
+            client.notes,
+        ))
+    }
+}
+
+/// The JAAS file `KAFKA_OPTS` names (`-Djava.security.auth.login.config=FILE`),
+/// as Kafka's scripts pass it to Java.
+pub fn jaas_from_kafka_opts(opts: &str) -> Option<std::path::PathBuf> {
+    opts.split_whitespace()
+        .find_map(|o| o.strip_prefix("-Djava.security.auth.login.config="))
+        .map(|p| std::path::PathBuf::from(p.trim_matches(['"', '\''])))
+}
+
 /// Why `tail` stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum TailError {
     #[error("kafka: {0}")]
     Kafka(String),
+    #[error("{0}")]
+    Input(String),
     #[error("writing to stdout: {0}")]
     Output(#[from] std::io::Error),
 }
@@ -57,16 +161,16 @@ pub enum TailError {
 /// [`TailError`] if the consumer can't be created or subscribed, or stdout
 /// closes.
 pub fn run(
-    config: &Config,
+    source: &TailSource,
     options: &TailOptions,
     shutdown: &Shutdown,
     out: &mut dyn Write,
 ) -> Result<u64, TailError> {
     let mut cc = rdkafka::ClientConfig::new();
-    for (k, v) in &config.kafka.properties {
+    for (k, v) in &source.properties {
         cc.set(k, v);
     }
-    let group = format!("{}.tail.{}", config.kafka.group_id(), std::process::id());
+    let group = format!("{}.tail.{}", source.group, std::process::id());
     cc.set("group.id", &group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -80,19 +184,21 @@ pub fn run(
         );
     let consumer: BaseConsumer = cc.create().map_err(|e| TailError::Kafka(e.to_string()))?;
     let topics = if options.topics.is_empty() {
-        config.kafka.topics.clone()
+        source.topics.clone()
     } else {
         options.topics.clone()
     };
-    let subscription =
-        Subscription::new(topics, config.kafka.previous_nights, Arc::new(SystemClock));
+    let subscription = Subscription::new(topics, source.previous_nights, Arc::new(SystemClock));
     let patterns = subscription.patterns();
+    if patterns.is_empty() {
+        return Err(TailError::Input("no topic: give --topic".into()));
+    }
     let list: Vec<&str> = patterns.iter().map(String::as_str).collect();
     consumer
         .subscribe(&list)
         .map_err(|e| TailError::Kafka(format!("subscribing to {patterns:?}: {e}")))?;
     tracing::info!("tailing {patterns:?} (group {group}, never committed)");
-    let decoder = Decoder::new(config.alerts.clone());
+    let decoder = Decoder::new(source.alerts.clone());
     let mut printed = 0;
     let mut last_error = Instant::now() - Duration::from_secs(60);
     while !shutdown.is_stopping() && options.max.is_none_or(|m| printed < m) {

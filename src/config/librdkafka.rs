@@ -57,7 +57,7 @@ pub(super) fn flatten(prefix: &str, table: toml::Table, out: &mut Vec<(String, t
 }
 
 /// Asks librdkafka whether it accepts one property, without printing secrets.
-pub(super) fn check_librdkafka_property(key: &str, value: &str) -> Result<(), String> {
+pub(crate) fn check_librdkafka_property(key: &str, value: &str) -> Result<(), String> {
     let mut probe = rdkafka::ClientConfig::new();
     probe.set(key, value);
     match probe.create_native_config() {

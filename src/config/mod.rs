@@ -29,6 +29,7 @@ use std::time::Duration;
 
 mod env;
 mod librdkafka;
+pub(crate) use librdkafka::check_librdkafka_property;
 mod names;
 mod raw;
 mod spans;
@@ -153,6 +154,21 @@ pub struct Pubsub {
     pub dead_letter_topic: Option<TopicName>,
     /// An explicit API endpoint; `PUBSUB_EMULATOR_HOST` overrides it.
     pub endpoint: Option<String>,
+    /// The ordering key of messages the hook gives none.
+    pub ordering_key: OrderingKeySource,
+}
+
+/// Where a message's Pub/Sub ordering key comes from when the hook sets
+/// none (Google's connector's `orderingKeySource`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OrderingKeySource {
+    /// Unordered (the default).
+    #[default]
+    None,
+    /// The Kafka key, as text (a key that is not UTF-8: unordered).
+    Key,
+    /// The partition number, as text.
+    Partition,
 }
 
 /// How messages are grouped into publish requests, per destination topic.

@@ -57,6 +57,8 @@ pub(super) struct PubsubConfig {
     pub(super) dead_letter_topic: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) endpoint: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) ordering_key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -164,7 +164,23 @@ pub(super) fn validate_pubsub(
         }
         None => None,
     };
+    let ordering_key = match raw.ordering_key {
+        None => OrderingKeySource::None,
+        Some(k) => match k.get_ref().as_str() {
+            "none" => OrderingKeySource::None,
+            "key" => OrderingKeySource::Key,
+            "partition" => OrderingKeySource::Partition,
+            other => {
+                return at.invalid(
+                    k.span(),
+                    "pubsub.ordering_key",
+                    format!("`{other}` is not a source: none, key or partition"),
+                )
+            }
+        },
+    };
     Ok(Pubsub {
+        ordering_key,
         project,
         topic,
         dead_letter_topic,
