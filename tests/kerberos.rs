@@ -245,3 +245,100 @@ fn a_keytab_that_cannot_be_read_is_named_before_any_login() {
         "{log}"
     );
 }
+
+/// A file of the shared Kafka Connect set with the broker's keytab,
+/// principal and brokers replaced by this test's.
+fn shared_file(name: &str, kdc: &Kdc, dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/connect")
+            .join(name),
+    )
+    .unwrap()
+    .replace(
+        "/home/ztf_consumer/pitt-reader.user.keytab",
+        &kdc.keytab.display().to_string(),
+    )
+    .replace("pitt-reader@KAFKA.SECURE", &kdc.principal)
+    .replace("public2.alerts.ztf.uw.edu:9094", &services().bootstrap);
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn the_shared_kafka_connect_files_converted_log_in_from_the_keytab_as_the_worker_did() {
+    let kdc = Kdc::start();
+    let dir = tempfile::tempdir().unwrap();
+    let worker = shared_file("psconnect-worker.properties", &kdc, dir.path());
+    let connector = shared_file("ps-connector.properties", &kdc, dir.path());
+    let out = Command::new(common::bin())
+        .arg("import-connect")
+        .arg(&worker)
+        .arg(&connector)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let toml = String::from_utf8(out.stdout).unwrap();
+    // Kafka is what is tested: a discarding sink.
+    let text = format!("{toml}\n[pipeline]\nsink = \"discard\"\n");
+    let mut bridge = Bridge::start_text_env(&text, &kdc.env());
+    let status = bridge.wait(Duration::from_secs(90));
+    let log = bridge.log_text();
+    let tickets = kdc.tickets();
+    assert!(
+        tickets.contains(&format!("Default principal: {}", kdc.principal))
+            && tickets.contains(&format!("krbtgt/{REALM}@{REALM}")),
+        "no ticket from the converted config:\n{tickets}\n{toml}\nztfhook log:\n{log}"
+    );
+    // As in the test above, the plain broker cannot take the GSSAPI login.
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("GSSAPI"), "{log}");
+}
+
+#[test]
+fn tail_with_the_console_consumers_files_logs_in_with_kerberos_from_the_jaas_file() {
+    let kdc = Kdc::start();
+    let dir = tempfile::tempdir().unwrap();
+    let props = shared_file("consumer.properties", &kdc, dir.path());
+    let jaas = shared_file("kafka_client_jaas.conf", &kdc, dir.path());
+    let mut child = Command::new(common::bin())
+        .args([
+            "tail",
+            "--bootstrap-server",
+            &services().bootstrap,
+            "--topic",
+            "ztf_20210105_programid1",
+            "--consumer.config",
+        ])
+        .arg(&props)
+        .env(
+            "KAFKA_OPTS",
+            format!("-Djava.security.auth.login.config={}", jaas.display()),
+        )
+        .envs(kdc.env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The login happens when the client starts; give it a few seconds.
+    let started = Instant::now();
+    while !kdc.tickets().contains("krbtgt/") && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tickets = kdc.tickets();
+    assert!(
+        tickets.contains(&format!("Default principal: {}", kdc.principal)),
+        "tail did not log in from the JAAS file's keytab:\n{tickets}\n{stderr}\nKDC log:\n{}",
+        kdc.log()
+    );
+    // consumer.properties' Java-only line is named, not used.
+    assert!(stderr.contains("enable.auto.commit"), "{stderr}");
+}

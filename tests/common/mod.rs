@@ -301,6 +301,8 @@ pub struct Received {
     pub digest: String,
     pub len: usize,
     pub attributes: HashMap<String, String>,
+    /// Empty when the message has none.
+    pub ordering_key: String,
 }
 
 impl Received {
@@ -347,6 +349,7 @@ impl Inbox {
                                 digest: digest(&m.data),
                                 len: m.data.len(),
                                 attributes: m.attributes.clone(),
+                                ordering_key: m.ordering_key.clone(),
                             }))
                         }
                         Err(e) => tx.send(Err(e.to_string())),
