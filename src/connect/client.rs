@@ -263,6 +263,8 @@ impl Client {
         }
         let value = match key {
             "auto.offset.reset" if value == "none" => "error".to_string(),
+            // Java's empty value turns host name checks off; librdkafka's is `none`.
+            "ssl.endpoint.identification.algorithm" if value.is_empty() => "none".to_string(),
             "partition.assignment.strategy" => match assignor(&value) {
                 Ok(v) => v,
                 Err(why) => return self.note(key, &s.at, why),
