@@ -8,8 +8,9 @@
 //! slow one never delays another), serves one request, must send its headers
 //! within [`HEADER_DEADLINE`] and is closed [`CONNECTION_DEADLINE`] after it
 //! opened whatever it does; headers are limited to [`MAX_HEADER_BYTES`] and
-//! bodies are never read; at most [`MAX_CONNECTIONS`] are served at once and
-//! others are closed at once, so memory stays bounded.
+//! bodies are never read; at most [`MAX_CONNECTIONS`] are served at once, at
+//! most [`MAX_PER_PEER`] from one address, and others are closed at once, so
+//! memory stays bounded and one client cannot lock the probes out.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,7 +33,10 @@ pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(15);
 /// The longest request line and headers accepted (hyper's minimum buffer).
 pub const MAX_HEADER_BYTES: usize = 8192;
 /// Connections served at once (each holds at most a header buffer).
-pub const MAX_CONNECTIONS: usize = 256;
+pub const MAX_CONNECTIONS: usize = 512;
+/// Connections one peer address may hold at once, so that one client cannot
+/// take every slot from the probes.
+pub const MAX_PER_PEER: usize = 32;
 
 /// Why the endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +92,8 @@ async fn accept(listener: std::net::TcpListener, state: Arc<State>) {
         }
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let peers: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Arc::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -102,9 +108,22 @@ async fn accept(listener: std::net::TcpListener, state: Arc<State>) {
             tracing::debug!("metrics endpoint: {MAX_CONNECTIONS} connections open; closing {peer}");
             continue;
         };
+        let ip = peer.ip();
+        {
+            let mut open = peers.lock().unwrap_or_else(|e| e.into_inner());
+            let n = open.entry(ip).or_insert(0);
+            if *n >= MAX_PER_PEER {
+                tracing::debug!(
+                    "metrics endpoint: {ip} has {MAX_PER_PEER} connections open; closing another"
+                );
+                continue;
+            }
+            *n += 1;
+        }
+        let peer_slot = PeerSlot(Arc::clone(&peers), ip);
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, peer_slot);
             let service = hyper::service::service_fn(move |request| {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(answer(&request, &state)) }
@@ -124,6 +143,24 @@ async fn accept(listener: std::net::TcpListener, state: Arc<State>) {
                 ),
             }
         });
+    }
+}
+
+/// One open connection of a peer, given back when it closes.
+struct PeerSlot(
+    Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    std::net::IpAddr,
+);
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
     }
 }
 

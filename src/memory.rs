@@ -15,11 +15,32 @@ pub struct Counting;
 
 thread_local! {
     static HELD: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
 }
 
 #[allow(clippy::cast_possible_wrap)]
 fn add(bytes: usize) {
-    let _ = HELD.try_with(|h| h.set(h.get().wrapping_add(bytes as isize)));
+    let _ = HELD.try_with(|h| {
+        let now = h.get().wrapping_add(bytes as isize);
+        h.set(now);
+        let _ = PEAK.try_with(|p| {
+            if now > p.get() {
+                p.set(now);
+            }
+        });
+    });
+}
+
+/// The most this thread has held since the last [`reset_peak`] (or its
+/// start), on the same scale as [`held`].
+pub fn peak() -> isize {
+    PEAK.try_with(Cell::get).unwrap_or(0)
+}
+
+/// Starts a new [`peak`] from what the thread holds now.
+pub fn reset_peak() {
+    let now = held();
+    let _ = PEAK.try_with(|p| p.set(now));
 }
 
 #[allow(clippy::cast_possible_wrap)]

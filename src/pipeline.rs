@@ -57,6 +57,8 @@ pub enum BridgeError {
     Runtime(#[source] std::io::Error),
     #[error("a worker thread stopped before it started")]
     WorkerLost,
+    #[error("a worker's hook did not finish building within {0} s (each worker runs the script's top level again: does it depend on chance, or run a library call that takes long? try it with `ztfhook check`)")]
+    HookBuildTimeout(f64),
     #[error("cannot serve metrics: {0}")]
     Metrics(#[from] crate::http::ServeError),
     /// A fatal error while running (a permanent publish failure, ...).
@@ -143,51 +145,16 @@ pub fn run_with_clock(
         Arc::clone(&shutdown),
         Arc::clone(&metrics),
     ))?);
-    // Each worker builds its hook on its own thread (a Lua state never
-    // crosses threads) and says whether it could, before Kafka is joined.
-    let shared = Arc::new(config.clone());
-    let (ready_tx, ready_rx) = bounded::<Result<(), HookError>>(config.pipeline.workers);
-    let mut queues = Vec::with_capacity(config.pipeline.workers);
-    let threads: Vec<_> = (0..config.pipeline.workers)
-        .map(|i| {
-            let (tx, rx) = bounded::<Envelope>(QUEUE_PER_WORKER);
-            queues.push(tx);
-            let parts = (
-                Arc::clone(&shared),
-                Arc::clone(&hooks),
-                Arc::clone(&sink),
-                ack_tx.clone(),
-                Arc::clone(&metrics),
-                Arc::clone(&shutdown),
-                ready_tx.clone(),
-            );
-            std::thread::Builder::new()
-                .name(format!("ztfhook-worker-{i}"))
-                .spawn(move || {
-                    let (config, hooks, sink, acks, metrics, shutdown, ready) = parts;
-                    let _guard = FailOnPanic(Arc::clone(&shutdown), i);
-                    let hook = match hooks.build() {
-                        Ok(hook) => hook,
-                        Err(e) => {
-                            let _ = ready.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = ready.send(Ok(()));
-                    drop(ready);
-                    Worker::new(&config, hook, hooks, sink, acks, metrics, shutdown).run(rx);
-                })
-                .expect("spawning a worker thread")
-        })
-        .collect();
-    drop((ack_tx, ready_tx));
-    for _ in 0..threads.len() {
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(BridgeError::Hook(e)),
-            Err(_) => return Err(BridgeError::WorkerLost),
-        }
-    }
+    let (queues, threads) = start_workers(
+        &config,
+        &hooks,
+        &sink,
+        &ack_tx,
+        &metrics,
+        &shutdown,
+        BUILD_DEADLINE,
+    )?;
+    drop(ack_tx);
     tracing::info!("hook {} on {} workers", hooks.name(), threads.len());
 
     let ledger = Arc::new(Mutex::new(Ledger::new(ack_rx, Arc::clone(&metrics))));
@@ -254,6 +221,81 @@ pub fn run_with_clock(
         Some(error) => Err(BridgeError::Fatal(error.clone())),
         None => Ok(summary),
     }
+}
+
+/// How long each worker may take to build its hook (a script's top level
+/// runs again in each): the load deadline, and some.
+const BUILD_DEADLINE: Duration =
+    Duration::from_secs(crate::hook::script::LOAD_DEADLINE.as_secs() + 5);
+
+/// The workers' queues and threads.
+type Workers = (
+    Vec<crossbeam_channel::Sender<Envelope>>,
+    Vec<std::thread::JoinHandle<()>>,
+);
+
+/// Starts the workers, each building its hook on its own thread (a Lua
+/// state never crosses threads), and waits, up to `deadline`, until every
+/// one has, before Kafka is joined.
+fn start_workers(
+    config: &Config,
+    hooks: &Arc<dyn HookFactory>,
+    sink: &Arc<PubsubSink>,
+    ack_tx: &crossbeam_channel::Sender<Ack>,
+    metrics: &Arc<Metrics>,
+    shutdown: &Arc<Shutdown>,
+    deadline: Duration,
+) -> Result<Workers, BridgeError> {
+    let shared = Arc::new(config.clone());
+    let (ready_tx, ready_rx) = bounded::<Result<(), HookError>>(config.pipeline.workers);
+    let mut queues = Vec::with_capacity(config.pipeline.workers);
+    let threads: Vec<_> = (0..config.pipeline.workers)
+        .map(|i| {
+            let (tx, rx) = bounded::<Envelope>(QUEUE_PER_WORKER);
+            queues.push(tx);
+            let parts = (
+                Arc::clone(&shared),
+                Arc::clone(hooks),
+                Arc::clone(sink),
+                ack_tx.clone(),
+                Arc::clone(metrics),
+                Arc::clone(shutdown),
+                ready_tx.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("ztfhook-worker-{i}"))
+                .spawn(move || {
+                    let (config, hooks, sink, acks, metrics, shutdown, ready) = parts;
+                    let _guard = FailOnPanic(Arc::clone(&shutdown), i);
+                    let hook = match hooks.build() {
+                        Ok(hook) => hook,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready.send(Ok(()));
+                    drop(ready);
+                    Worker::new(&config, hook, hooks, sink, acks, metrics, shutdown).run(rx);
+                })
+                .expect("spawning a worker thread")
+        })
+        .collect();
+    drop(ready_tx);
+    let until = Instant::now() + deadline;
+    for _ in 0..threads.len() {
+        match ready_rx.recv_deadline(until) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(BridgeError::Hook(e)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                return Err(BridgeError::HookBuildTimeout(deadline.as_secs_f64()))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                return Err(BridgeError::WorkerLost)
+            }
+        }
+    }
+    Ok((queues, threads))
 }
 
 /// Fails the bridge if a worker thread unwinds (a panic the worker did not
@@ -403,14 +445,24 @@ impl Worker {
                 self.errors
             );
         }
+        // What a published message may say: the script named by its file
+        // name only (its path may hold spaces, or be relative), then no
+        // other directory and no credentials.
+        let script = self.hooks.name();
+        let file = std::path::Path::new(script)
+            .file_name()
+            .map_or_else(|| script.to_string(), |n| n.to_string_lossy().into_owned());
+        let named = if script.is_empty() {
+            reason.clone()
+        } else {
+            reason.replace(script, &file)
+        };
+        let public = crate::secret::public_error(&named);
         match self.policy {
             ErrorPolicy::Passthrough => {
                 let hook_attributes = vec![(
                     attributes::ERROR.to_string(),
-                    crate::sink::pubsub::truncate(
-                        &crate::secret::public_error(&reason),
-                        attributes::MAX_VALUE_BYTES,
-                    ),
+                    crate::sink::pubsub::truncate(&public, attributes::MAX_VALUE_BYTES),
                 )];
                 let attrs = match attributes::build(&self.options, &envelope, &hook_attributes) {
                     Ok(a) => a,
@@ -420,7 +472,7 @@ impl Worker {
                 let publishers = self.default_publisher.clone();
                 self.send(envelope, topics, publishers, attrs, hook_attributes, None);
             }
-            ErrorPolicy::DeadLetter => self.sink.dead_letter(envelope, None, reason, true),
+            ErrorPolicy::DeadLetter => self.sink.dead_letter(envelope, None, public, true),
             ErrorPolicy::Drop => {
                 let _ = self.acks.send(Ack::new(&envelope, Outcome::Dropped));
             }
@@ -568,6 +620,62 @@ mod tests {
                 _ => Box::new(crate::hook::Passthrough),
             })
         }
+    }
+
+    /// A hook that takes seconds to build.
+    struct SlowToBuild;
+    impl HookFactory for SlowToBuild {
+        fn name(&self) -> &str {
+            "test:slow"
+        }
+        fn build(&self) -> Result<Box<dyn Hook>, HookError> {
+            std::thread::sleep(Duration::from_secs(3));
+            Ok(Box::new(crate::hook::Passthrough))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_hook_that_does_not_finish_building_stops_the_start_at_the_deadline() {
+        let config = Config::parse(
+            std::path::Path::new("test.toml"),
+            crate::config::tests::MINIMAL,
+        )
+        .unwrap();
+        let (acks, _acked) = unbounded();
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = Arc::new(Shutdown::new());
+        let sink = Arc::new(
+            PubsubSink::connect(
+                &config,
+                Endpoint::Emulator("127.0.0.1:9".into()),
+                acks.clone(),
+                Arc::clone(&shutdown),
+                Arc::clone(&metrics),
+            )
+            .await
+            .unwrap(),
+        );
+        let hooks: Arc<dyn HookFactory> = Arc::new(SlowToBuild);
+        let started = Instant::now();
+        let result = start_workers(
+            &config,
+            &hooks,
+            &sink,
+            &acks,
+            &metrics,
+            &shutdown,
+            Duration::from_millis(300),
+        );
+        assert!(
+            matches!(result, Err(BridgeError::HookBuildTimeout(_))),
+            "{:?}",
+            result.err()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

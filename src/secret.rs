@@ -52,9 +52,12 @@ pub fn scrub_urls(text: &str) -> String {
     while let Some(i) = rest.find("://") {
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
+        // The authority ends at `/`, `?` or `#` (RFC 3986); user info may
+        // hold `;`, `,`, `(`, `)`, `'` and the like unencoded, so besides
+        // those only what cannot be in a URL ends it.
         let end = tail
             .find(|c: char| {
-                c == '/' || c == '?' || c == '#' || c.is_whitespace() || "\"'<>()[]{},;".contains(c)
+                c == '/' || c == '?' || c == '#' || c.is_whitespace() || "\"<>`".contains(c)
             })
             .unwrap_or(tail.len());
         let authority = &tail[..end];
@@ -78,6 +81,29 @@ pub fn scrub<'a>(text: &str, secrets: impl IntoIterator<Item = &'a str>) -> Stri
         }
     }
     out
+}
+
+/// A TOML parser's message with the value on any quoted line of a secret
+/// setting (`5 | sasl.password = "..."`) replaced by [`REDACTED`].
+pub fn scrub_toml_excerpt(message: &str) -> String {
+    message
+        .lines()
+        .map(|line| {
+            let Some((gutter, text)) = line.split_once('|') else {
+                return line.to_string();
+            };
+            let Some((key, _)) = text.split_once('=') else {
+                return line.to_string();
+            };
+            let name = key.trim().trim_matches('"');
+            if is_secret_key(name) {
+                format!("{gutter}|{key}= {REDACTED}")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// An error as a published attribute may carry it: URLs without user info,
@@ -159,6 +185,18 @@ mod tests {
             scrub_urls("registry http://u:p@h/schemas/ids/1: refused (see http://h2/a@b)"),
             "registry http://h/schemas/ids/1: refused (see http://h2/a@b)"
         );
+        // Characters legal in user info, unencoded, do not end it.
+        for url in [
+            "https://alice:Hunter2;SECRET@reg.example/x",
+            "https://alice:Hun(ter2)SECRET@reg.example/x",
+            "https://alice:p,w'x@reg.example/x",
+        ] {
+            assert_eq!(without_userinfo(url), "https://reg.example/x", "{url}");
+            assert_eq!(
+                scrub_urls(&format!("registry {url}: refused")),
+                "registry https://reg.example/x: refused"
+            );
+        }
         assert_eq!(
             scrub("a pw=hunter2 at https://bob@h", ["hunter2"]),
             "a pw=<redacted> at https://h"

@@ -116,7 +116,7 @@ fn a_request_line_without_end_is_cut_off_at_the_header_limit() {
 #[test]
 fn idle_connections_are_closed_and_healthz_answers_meanwhile() {
     let address = endpoint();
-    let mut idle: Vec<TcpStream> = (0..50)
+    let mut idle: Vec<TcpStream> = (0..30)
         .map(|_| TcpStream::connect(address).unwrap())
         .collect();
     let (status, took) = get(address, "/healthz");
@@ -153,4 +153,32 @@ fn other_paths_and_methods_get_their_status_and_a_body_is_never_read() {
     let n = s.read(&mut answer).unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_holding_hundreds_of_idle_connections_does_not_lock_others_out() {
+    let address = endpoint();
+    // 300 idle connections from 127.0.0.1 ...
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(address).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... and a probe from another address, 127.0.0.2.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut probe = socket.connect(address).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), probe.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503"),
+        "a probe from another peer got {answer:?}"
+    );
+    drop(idle);
 }

@@ -337,3 +337,108 @@ fn a_payload_byte_is_read_without_copying_the_payload_in_both_engines() {
         assert_eq!(got, want, "{language:?}");
     }
 }
+
+#[test]
+fn a_lua_pcall_loop_cannot_outlast_the_instruction_limit() {
+    // pcall catches the limit's error; the limit must still end the call.
+    let mut hook = load(
+        Language::Lua,
+        "function route(msg)
+            if msg.offset == 0 then return end
+            for i = 1, 20000 do pcall(function() while true do end end) end
+            return 'survived'
+        end",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let e = decide(hook.as_mut(), 1).unwrap_err();
+    assert!(e.contains("over the limit of 100000 instructions"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // xpcall too, and the hook goes on.
+    let mut hook = load(
+        Language::Lua,
+        "function route(msg)
+            if msg.offset == 0 then return 'ok' end
+            for i = 1, 20000 do xpcall(function() while true do end end, function(e) return e end) end
+            return 'survived'
+        end",
+    )
+    .unwrap();
+    assert!(decide(hook.as_mut(), 1)
+        .unwrap_err()
+        .contains("instructions"));
+    assert_eq!(decide(hook.as_mut(), 0).unwrap(), "ok");
+}
+
+#[test]
+fn rhai_functions_that_multiply_their_input_are_refused_before_they_allocate() {
+    for body in [
+        "let s = \"\"; s.pad(10000, 'y'); s.replace(\"\", s);",
+        "let s = \"\"; s.pad(10000, 'y'); let t = s; t.replace('y', s);",
+        "let s = \"\"; s.pad(4000000, 'y'); let parts = s.split(\"\");",
+        "let s = \"\"; s.pad(4000000, 'y'); let parts = s.split('y');",
+        "let s = \"\"; s.pad(4000000, 'y'); let chars = s.to_chars();",
+    ] {
+        let mut hook = load(
+            Language::Rhai,
+            &format!("fn route(msg) {{ if msg.offset > 0 {{ {body} }} }}"),
+        )
+        .unwrap();
+        ztfhook::memory::reset_peak();
+        let before = ztfhook::memory::held();
+        let e = decide(hook.as_mut(), 1).unwrap_err();
+        let peak = ztfhook::memory::peak() - before;
+        assert!(e.contains("over the memory limit of 16 MiB"), "{body}: {e}");
+        assert!(
+            peak < 3 * (16 << 20),
+            "{body}: the call held {} MB at its peak",
+            peak >> 20
+        );
+    }
+    // Within the bound they work as Rhai documents.
+    let mut hook = load(
+        Language::Rhai,
+        "fn route(msg) { let s = \"a-b-c\"; s.replace(\"-\", \"+\"); `${s} ${\"x,y\".split(\",\").len()} ${\"abc\".to_chars().len()}` }",
+    )
+    .unwrap();
+    assert_eq!(decide(hook.as_mut(), 1).unwrap(), "a+b+c 2 3");
+}
+
+#[test]
+fn lua_alert_records_do_not_outlive_their_call() {
+    let (_, alert) = common::sample_alerts("ztf").remove(0);
+    let mut hook = compile_source(
+        Language::Lua,
+        PathBuf::from("keep.lua"),
+        "local kept = {}
+        function route(msg)
+            if msg.offset == 0 then return end
+            if #kept > 0 and msg.offset == 1000 then return tostring(kept[1].objectId) end
+            kept[#kept + 1] = msg.alert
+            kept[#kept + 1] = msg.alert.candidate
+        end",
+        &small_limits(),
+    )
+    .and_then(|c| c.instantiate())
+    .unwrap();
+    let before = ztfhook::memory::held();
+    for offset in 1..=300 {
+        hook.decide(&MessageView::new(&envelope(offset, &alert)))
+            .unwrap();
+    }
+    let grew = ztfhook::memory::held() - before;
+    assert!(
+        grew < 8 << 20,
+        "300 kept alerts hold {} MB outside Lua's bound",
+        grew >> 20
+    );
+    let e = hook
+        .decide(&MessageView::new(&envelope(1000, &alert)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("only valid during the route() call"), "{e}");
+}

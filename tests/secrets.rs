@@ -35,8 +35,20 @@ async fn no_secret_or_local_path_reaches_a_log_line_check_config_or_an_attribute
     let mut inbox = Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &ps).await).await;
 
     let private = tempfile::tempdir().unwrap();
-    let script = private.path().join("needs_the_registry.rhai");
-    std::fs::write(&script, "fn route(msg) { let a = msg.alert; }\n").unwrap();
+    // A directory with a space in its name, and long enough that Lua would
+    // cut it short in its messages.
+    let rules = private
+        .path()
+        .join("my rules")
+        .join("a-long-directory-name-for-the-rules-of-one-private-project");
+    std::fs::create_dir_all(&rules).unwrap();
+    let script = rules.join("needs_the_registry.lua");
+    std::fs::write(
+        &script,
+        // (The load check's test message is 4 bytes: not raised for it.)
+        "function route(msg)\n  local ok, e = pcall(function() return msg.alert end)\n  if not ok and msg.size > 4 then error(tostring(e)) end\nend\n",
+    )
+    .unwrap();
     let registry_port = free_port();
     let secrets = [
         s.scram_password.clone(),
@@ -120,7 +132,7 @@ async fn no_secret_or_local_path_reaches_a_log_line_check_config_or_an_attribute
     for m in &got {
         let e = &m.attributes["ztfhook.error"];
         assert!(
-            e.contains("needs_the_registry.rhai")
+            e.contains("needs_the_registry.lua")
                 && e.contains(&format!("127.0.0.1:{registry_port}")),
             "{e}"
         );
@@ -144,7 +156,9 @@ async fn no_secret_or_local_path_reaches_a_log_line_check_config_or_an_attribute
         }
         if what == "the attributes" {
             assert!(
-                !text.contains(&private_dir),
+                !text.contains(&private_dir)
+                    && !text.contains("my rules")
+                    && !text.contains("private-project"),
                 "{what} shows the local path {private_dir}:\n{text}"
             );
         }

@@ -277,7 +277,7 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
+            message: crate::secret::scrub_toml_excerpt(e.to_string().trim_end()),
         })?;
         let at = Locator { path, text };
         let kafka = validate_kafka(&at, file.kafka)?;
@@ -524,6 +524,20 @@ topic = "ztf-alerts"
             e.contains("`hook.script`") && e.contains(".rhai or .lua"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_toml_syntax_error_on_a_secrets_line_does_not_quote_the_secret() {
+        for bad in [
+            "\"sasl.password\" = \"Hunter2SECRET",
+            "\"sasl.password\" = \"Hunter2SECRET\" oops",
+            "sasl.password = Hunter2SECRET",
+        ] {
+            let e =
+                error(&MINIMAL.replace("group.id = \"g\"", &format!("group.id = \"g\"\n{bad}")));
+            assert!(e.contains("test.toml"), "{e}");
+            assert!(!e.contains("Hunter2SECRET"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 
-use crate::hook::script::{compile_text, read};
+use crate::hook::script::{compile_text, compile_within, read};
 use crate::hook::{Compiled, Environment};
 use crate::hook::{Decision, Hook, HookError, HookFactory, MessageView};
 
@@ -62,6 +62,14 @@ impl ScriptHooks {
     /// # Errors
     /// [`HookError`] for a rejected script; the previous one stays.
     pub fn reload(&self) -> Result<bool, HookError> {
+        self.reload_within(crate::hook::script::LOAD_DEADLINE)
+    }
+
+    /// [`reload`](Self::reload) with a given load deadline.
+    ///
+    /// # Errors
+    /// As `reload`.
+    pub fn reload_within(&self, deadline: Duration) -> Result<bool, HookError> {
         let s = &self.0;
         let source = match read(&s.path) {
             Ok(text) => text,
@@ -73,7 +81,7 @@ impl ScriptHooks {
         if s.current.read().unwrap_or_else(|e| e.into_inner()).1 == source {
             return Ok(false);
         }
-        match compile_text(&s.path, &source, &s.env) {
+        match compile_within(&s.path, &source, &s.env, deadline) {
             Ok(compiled) => {
                 *s.current.write().unwrap_or_else(|e| e.into_inner()) = (compiled, source);
                 s.generation.fetch_add(1, Ordering::AcqRel);

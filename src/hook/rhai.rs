@@ -99,6 +99,121 @@ type Mark = Arc<std::sync::atomic::AtomicIsize>;
 /// The token a call stopped for memory is terminated with.
 const OVER_MEMORY: &str = "over the memory limit";
 
+/// What one piece of a split string, or one char of `to_chars`, costs at
+/// least: a `Dynamic` and a string allocation.
+const BYTES_PER_PIECE: usize = 64;
+
+fn too_large(what: &str) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorDataTooLarge(
+        what.into(),
+        rhai::Position::NONE,
+    ))
+}
+
+/// Rhai's string functions whose result can be many times their input
+/// (`replace` with an empty pattern, `split`, `split_rev`, `to_chars`), in place of
+/// Rhai's own: the size of the result is worked out first and a result over
+/// the memory bound is refused before it is allocated. Rhai checks other
+/// results right after they are made.
+fn register_checked_strings(engine: &mut Engine, limits: Limits) {
+    let max = limits.max_memory_bytes;
+    let replaced = move |s: &str, find: &str, with: usize| -> Result<(), Box<EvalAltResult>> {
+        let n = if find.is_empty() {
+            s.chars().count() + 1
+        } else {
+            s.matches(find).count()
+        };
+        let len = (s.len() - n * find.len()).saturating_add(n.saturating_mul(with));
+        if len > max {
+            return Err(too_large("Length of string"));
+        }
+        Ok(())
+    };
+    engine.register_fn(
+        "replace",
+        move |s: &mut rhai::ImmutableString, find: &str, with: &str| {
+            replaced(s, find, with.len())?;
+            *s = s.replace(find, with).into();
+            Ok::<_, Box<EvalAltResult>>(())
+        },
+    );
+    engine.register_fn(
+        "replace",
+        move |s: &mut rhai::ImmutableString, find: &str, with: char| {
+            replaced(s, find, with.len_utf8())?;
+            *s = s.replace(find, &with.to_string()).into();
+            Ok::<_, Box<EvalAltResult>>(())
+        },
+    );
+    engine.register_fn(
+        "replace",
+        move |s: &mut rhai::ImmutableString, find: char, with: &str| {
+            replaced(s, &find.to_string(), with.len())?;
+            *s = s.replace(find, with).into();
+            Ok::<_, Box<EvalAltResult>>(())
+        },
+    );
+    let pieces = move |n: usize| -> Result<(), Box<EvalAltResult>> {
+        if n.saturating_mul(BYTES_PER_PIECE) > max {
+            return Err(too_large("Size of array"));
+        }
+        Ok(())
+    };
+    let collect = |parts: std::str::Split<'_, &str>| -> Array {
+        parts.map(|p| Dynamic::from(p.to_string())).collect()
+    };
+    engine.register_fn("split", move |s: &str, delimiter: &str| {
+        let n = if delimiter.is_empty() {
+            s.chars().count() + 2
+        } else {
+            s.matches(delimiter).count() + 1
+        };
+        pieces(n)?;
+        Ok::<_, Box<EvalAltResult>>(collect(s.split(delimiter)))
+    });
+    engine.register_fn("split", move |s: &str, delimiter: char| {
+        pieces(s.matches(delimiter).count() + 1)?;
+        Ok::<_, Box<EvalAltResult>>(
+            s.split(delimiter)
+                .map(|p| Dynamic::from(p.to_string()))
+                .collect::<Array>(),
+        )
+    });
+    engine.register_fn("split", move |s: &str| {
+        pieces(s.split_whitespace().count())?;
+        Ok::<_, Box<EvalAltResult>>(
+            s.split_whitespace()
+                .map(|p| Dynamic::from(p.to_string()))
+                .collect::<Array>(),
+        )
+    });
+    engine.register_fn("split_rev", move |s: &str, delimiter: &str| {
+        let n = if delimiter.is_empty() {
+            s.chars().count() + 2
+        } else {
+            s.matches(delimiter).count() + 1
+        };
+        pieces(n)?;
+        Ok::<_, Box<EvalAltResult>>(
+            s.rsplit(delimiter)
+                .map(|p| Dynamic::from(p.to_string()))
+                .collect::<Array>(),
+        )
+    });
+    engine.register_fn("split_rev", move |s: &str, delimiter: char| {
+        pieces(s.matches(delimiter).count() + 1)?;
+        Ok::<_, Box<EvalAltResult>>(
+            s.rsplit(delimiter)
+                .map(|p| Dynamic::from(p.to_string()))
+                .collect::<Array>(),
+        )
+    });
+    engine.register_fn("to_chars", move |s: &str| {
+        pieces(s.chars().count())?;
+        Ok::<_, Box<EvalAltResult>>(s.chars().map(Dynamic::from).collect::<Array>())
+    });
+}
+
 /// An engine with ztfhook's limits, helpers and message type.
 fn engine(path: &str, limits: Limits, mark: &Mark) -> Engine {
     let mut engine = Engine::new();
@@ -122,6 +237,7 @@ fn engine(path: &str, limits: Limits, mark: &Mark) -> Engine {
     });
     engine.disable_symbol("eval");
     engine.disable_symbol("import");
+    register_checked_strings(&mut engine, limits);
     let name = path.to_string();
     engine.on_print(move |s| tracing::info!(target: "ztfhook::script", "{name}: {s}"));
     let name = path.to_string();

@@ -14,6 +14,7 @@
 //! | a map | `keep` (bool), `topic` or `topics`, `attributes` (map), `ordering_key` |
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -73,6 +74,11 @@ pub fn read(path: &Path) -> Result<String, HookError> {
 /// inside one operation (a Lua pattern that backtracks over a long string).
 pub const LOAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Loads given up on whose threads still run.
+static ABANDONED: AtomicUsize = AtomicUsize::new(0);
+/// The most such threads: past it, no new load starts.
+pub const MAX_ABANDONED: usize = 2;
+
 /// Like [`compile`], for text already read from `path` (the engine follows
 /// its extension). Runs on a thread of its own, given up after
 /// [`LOAD_DEADLINE`] (the thread is left to finish, its result unused), so
@@ -100,11 +106,35 @@ pub fn compile_within(
 ) -> Result<Arc<dyn Compiled>, HookError> {
     let language = Language::of(path)
         .map_err(|message| HookError::new(path.display(), HookErrorKind::File, message))?;
+    // A load given up on keeps its thread until it ends (a library call
+    // cannot be interrupted): while MAX_ABANDONED such threads still run, no
+    // new load starts, so hung reloads cannot take every core.
+    if ABANDONED.load(Ordering::SeqCst) >= MAX_ABANDONED {
+        return Err(HookError::new(
+            path.display(),
+            HookErrorKind::Deadline,
+            format!(
+                "not loaded: {MAX_ABANDONED} earlier loads that did not finish within the deadline are still running (restart ztfhook to stop them)"
+            ),
+        ));
+    }
+    /// 0: loading, 1: done, 2: given up on.
+    struct Load(Arc<AtomicU8>);
+    impl Drop for Load {
+        fn drop(&mut self) {
+            if self.0.swap(1, Ordering::SeqCst) == 2 {
+                ABANDONED.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+    let state = Arc::new(AtomicU8::new(0));
+    let load = Load(Arc::clone(&state));
     let (tx, rx) = crossbeam_channel::bounded(1);
     let (owned_path, source, env) = (path.to_path_buf(), source.to_string(), env.clone());
     std::thread::Builder::new()
         .name("ztfhook-load".into())
         .spawn(move || {
+            let _load = load;
             let _ = tx.send(compile_source(language, owned_path, &source, &env));
         })
         .map_err(|e| {
@@ -114,7 +144,19 @@ pub fn compile_within(
                 format!("cannot start a thread to load it: {e}"),
             )
         })?;
-    rx.recv_timeout(deadline).unwrap_or_else(|_| {
+    let answer = rx.recv_timeout(deadline);
+    if answer.is_err() {
+        // Counted before it is marked, so the thread's own decrement (which
+        // follows the mark) never comes first.
+        ABANDONED.fetch_add(1, Ordering::SeqCst);
+        if state
+            .compare_exchange(0, 2, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            ABANDONED.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    answer.unwrap_or_else(|_| {
         Err(HookError::new(
             path.display(),
             HookErrorKind::Deadline,

@@ -58,7 +58,7 @@ fn alert_value(lua: &Lua, record: &AlertRecord, value: AvroValue) -> mlua::Resul
         ),
         AvroValue::Bytes(s) => Value::String(lua.create_string(alert.bytes(s))?),
         AvroValue::Enum(e, i) => Value::String(lua.create_string(alert.symbol(e, i))?),
-        AvroValue::Record(..) => Value::UserData(lua.create_userdata(record.child(value))?),
+        AvroValue::Record(..) => record_value(lua, record.child(value))?,
         AvroValue::Array(..) => {
             let items = alert.items(value);
             let t = lua.create_table_with_capacity(items.len(), 0)?;
@@ -92,6 +92,22 @@ impl UserData for AlertRecord {
             Ok(r.to_json().map_err(mlua::Error::external)?.to_string())
         });
     }
+}
+
+/// The alert records handed to the script during the call in progress: at
+/// its end each is emptied (the `Arc<Alert>` it holds is dropped), so a
+/// record kept in a table holds no memory outside Lua's bound and is
+/// refused when read in a later call.
+#[derive(Default)]
+struct CallRecords(Vec<mlua::AnyUserData>);
+
+/// An alert record as a Lua value, registered to be emptied after the call.
+fn record_value(lua: &Lua, record: AlertRecord) -> mlua::Result<Value> {
+    let ud = lua.create_userdata(record)?;
+    if let Some(mut kept) = lua.app_data_mut::<CallRecords>() {
+        kept.0.push(ud.clone());
+    }
+    Ok(Value::UserData(ud))
 }
 
 /// The message a worker is deciding, as the message table's metatable sees
@@ -195,7 +211,7 @@ fn message_metatable(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
                     .schema_version()
                     .map_err(mlua::Error::external)?
                     .into_lua(lua)?,
-                b"alert" => m.alert().map_err(mlua::Error::external)?.into_lua(lua)?,
+                b"alert" => record_value(lua, m.alert().map_err(mlua::Error::external)?)?,
                 b"headers" => {
                     let t = lua.create_table()?;
                     for h in m.headers.iter() {
@@ -242,8 +258,27 @@ fn state(
     .map_err(|e| err(format!("cannot create a Lua state: {e}")))?;
     lua.set_memory_limit(limits.max_memory_bytes)
         .map_err(|e| err(format!("cannot limit memory: {e}")))?;
+    // The limit's budget: one call's worth, for the top level first.
+    let budget = Rc::new(Cell::new(limits.max_operations));
     let setup = || -> mlua::Result<()> {
         let g = lua.globals();
+        // `pcall` and `xpcall` catch the limit's error like any other; once
+        // the budget is spent, they raise it again, so no script outlasts it.
+        for name in ["pcall", "xpcall"] {
+            let inner: Function = g.get(name)?;
+            let left = Rc::clone(&budget);
+            let max = limits.max_operations;
+            g.set(
+                name,
+                lua.create_function(move |_, args: mlua::MultiValue| {
+                    let caught = inner.call::<mlua::MultiValue>(args)?;
+                    if left.get() < u64::from(INSTRUCTIONS_PER_CHECK) {
+                        return Err(mlua::Error::external(OverOperations(max)));
+                    }
+                    Ok(caught)
+                })?,
+            )?;
+        }
         for banned in ["dofile", "loadfile", "require", "collectgarbage"] {
             g.set(banned, Value::Nil)?;
         }
@@ -285,7 +320,6 @@ fn state(
     setup().map_err(|e| err(format!("cannot set up the sandbox: {e}")))?;
     // The limit is in place before any of the script runs: its top level
     // gets one call's budget.
-    let budget = Rc::new(Cell::new(limits.max_operations));
     let left = Rc::clone(&budget);
     lua.set_hook(
         HookTriggers::new().every_nth_instruction(INSTRUCTIONS_PER_CHECK),
@@ -300,7 +334,14 @@ fn state(
     )
     .map_err(|e| err(format!("cannot set the instruction limit: {e}")))?;
     lua.load(source)
-        .set_name(format!("@{name}"))
+        // The file's name only: Lua's messages (which may reach a published
+        // `ztfhook.error`) then show no directory.
+        .set_name(format!(
+            "@{}",
+            std::path::Path::new(name)
+                .file_name()
+                .map_or_else(|| name.into(), |n| n.to_string_lossy())
+        ))
         .set_mode(mlua::ChunkMode::Text)
         .exec()
         .map_err(|e| {
@@ -362,6 +403,9 @@ fn lua_error(e: &mlua::Error) -> String {
     match e {
         mlua::Error::SyntaxError { message, .. } => format!("syntax error: {message}"),
         mlua::Error::CallbackError { cause, .. } => lua_error(cause),
+        mlua::Error::UserDataDestructed => {
+            "an alert record is only valid during the route() call that read it: keep its values, not the record".into()
+        }
         other => other
             .to_string()
             .lines()
@@ -396,6 +440,7 @@ impl Compiled for LuaScript {
             message: RefCell::new(None),
             decoder: Arc::clone(&self.env.decoder),
         });
+        lua.set_app_data(CallRecords::default());
         let setup = || -> mlua::Result<_> {
             let meta = message_metatable(&lua, &current)?;
             let route = lua.create_registry_value(route)?;
@@ -464,6 +509,14 @@ impl Hook for LuaHook {
         self.current.envelope.set(std::ptr::null());
         self.current.table.set(std::ptr::null());
         self.current.message.borrow_mut().take();
+        let records: Vec<mlua::AnyUserData> = self
+            .lua
+            .app_data_mut::<CallRecords>()
+            .map(|mut kept| std::mem::take(&mut kept.0))
+            .unwrap_or_default();
+        for record in records {
+            let _ = record.take::<AlertRecord>();
+        }
         if !ok {
             let raised = self.lua.registry_value::<Value>(&self.error);
             let (kind, message) = match raised {
