@@ -2,6 +2,8 @@
 # Throughput, CPU per alert, peak memory and latency of ztfhook beside its
 # baselines, in one run on one machine:
 #   raw consume (plain rdkafka), raw publish (Google's publisher alone),
+#   the minimal correct bridge on the same two libraries
+#   (benches/tools/minimal_bridge.rs: the ceiling for any such bridge),
 #   ztfhook with the pass-through, a Rhai and a Lua routing hook, an
 #   alert-decoding hook, and the discard sink, and a Python bridge
 #   (confluent-kafka + google-cloud-pubsub), on the same loads:
@@ -225,6 +227,19 @@ run_python() { # RUN TOPIC N MB
   record "$run" mock "$n" "$mb" "$(tail -1 "$WORK/$id.out")" "$(calc "$user + $sys")" "$rss" "$(calc "$(cpu_of "$MOCK_PID") - $b0")"
 }
 
+run_minimal() { # RUN TOPIC N MB: the minimal correct bridge on the same libraries
+  local run=$1 topic=$2 n=$3 mb=$4 id ps b0
+  id=$(echo "$run" | tr -c 'a-z0-9\n' '-' | tr -s '-')
+  ps=bench-$id
+  pubsub_topic "$ps"
+  mark
+  b0=$(cpu_of "$MOCK_PID")
+  t=$(timed "$WORK/$id" $X/minimal_bridge "$MOCK" "$topic" "min-$id-$RANDOM" $PROJECT "$ps" "$n")
+  read -r wall user sys rss <<<"$t"
+  secs=$(awk '{print $3}' "$WORK/$id.out")
+  record "$run" mock "$n" "$mb" "$secs" "$(calc "$user + $sys")" "$rss" "$(calc "$(cpu_of "$MOCK_PID") - $b0")"
+}
+
 REPS=${REPS:-3}
 SECTIONS=${SECTIONS:-ztf rubin latency tansu}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
@@ -249,6 +264,7 @@ if want ztf; then
 echo "bench: ZTF load, $ZTF_N alerts, $ZTF_MB MB" >&2
 rep run_raw_consume ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB"
 rep run_raw_publish ztf "$ZTF_N" "$ZTF_MB" tests/data/alerts/ztf
+rep run_minimal "minimal bridge (ztf)" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB"
 rep run_ztfhook "ztfhook discard sink" "$MOCK" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB" sink=discard
 rep run_ztfhook "ztfhook pass-through" "$MOCK" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB"
 rep run_ztfhook "ztfhook Rhai routing" "$MOCK" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB" script=scripts/ztf_route_sample.rhai
@@ -264,6 +280,7 @@ rep run_raw_publish rubin "$RUBIN_N" "$RUBIN_MB" tests/data/alerts/rubin/lsst_v9
   tests/data/alerts/rubin/lsst_v9_0_wire_169298432742653968.avro \
   tests/data/alerts/rubin/lsst_v9_0_wire_169298432757858307.avro \
   tests/data/alerts/rubin/lsst_v9_0_wire_169298432774111247.avro
+rep run_minimal "minimal bridge (rubin)" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB"
 rep run_ztfhook "ztfhook pass-through (rubin)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB"
 rep run_ztfhook "ztfhook decoding (lsst_solar_system.rhai)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB" script=scripts/lsst_solar_system.rhai
 rep run_python "Python bridge (rubin)" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB"
