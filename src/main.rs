@@ -62,19 +62,29 @@ fn main() -> ExitCode {
         return import_connect(worker, connector, output.as_deref());
     }
     if let Some(cli::Command::Tail {
+        from_beginning,
+        max,
+        format,
+        topics,
         bootstrap_server,
         consumer_config,
         jaas,
-        ..
     }) = &cli.command
     {
-        let jaas = jaas.clone().or_else(|| {
-            std::env::var("KAFKA_OPTS")
-                .ok()
-                .and_then(|o| ztfhook::tail::jaas_from_kafka_opts(&o))
-        });
-        if bootstrap_server.is_some() || consumer_config.is_some() {
-            return match ztfhook::tail::TailSource::from_console(
+        let options = ztfhook::tail::TailOptions {
+            from_beginning: *from_beginning,
+            max: *max,
+            format: *format,
+            topics: topics.clone(),
+        };
+        // Kafka's console consumer's arguments and files, or the config.
+        let source = if bootstrap_server.is_some() || consumer_config.is_some() {
+            let jaas = jaas.clone().or_else(|| {
+                std::env::var("KAFKA_OPTS")
+                    .ok()
+                    .and_then(|o| ztfhook::tail::jaas_from_kafka_opts(&o))
+            });
+            match ztfhook::tail::TailSource::from_console(
                 bootstrap_server.as_deref(),
                 consumer_config.as_deref(),
                 jaas.as_deref(),
@@ -83,28 +93,28 @@ fn main() -> ExitCode {
                     for n in notes {
                         tracing::info!("not used: {n}");
                     }
-                    tail(&cli, &source)
+                    source
                 }
                 Err(e) => {
                     eprintln!("ztfhook: {e}");
-                    ExitCode::from(2)
+                    return ExitCode::from(2);
                 }
-            };
-        }
+            }
+        } else {
+            match load_config(&cli.config) {
+                Ok(config) => ztfhook::tail::TailSource::from_config(&config),
+                Err(code) => return code,
+            }
+        };
+        return tail(&source, &options);
     }
-    let config = match Config::load(&cli.config) {
+    let config = match load_config(&cli.config) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("ztfhook: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if let Some(cli::Command::CheckConfig) = cli.command {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
-    }
-    if let Some(cli::Command::Tail { .. }) = &cli.command {
-        return tail(&cli, &ztfhook::tail::TailSource::from_config(&config));
     }
     let script = cli.script.clone().or_else(|| config.hook.script.clone());
     let mut _watcher = None;
@@ -149,18 +159,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// The configuration file, or exit code 2 with the error printed.
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("ztfhook: {e}");
+        ExitCode::from(2)
+    })
+}
+
 /// `ztfhook tail`, from either source.
-fn tail(cli: &cli::Cli, source: &ztfhook::tail::TailSource) -> ExitCode {
-    let Some(cli::Command::Tail {
-        from_beginning,
-        max,
-        format,
-        topics,
-        ..
-    }) = &cli.command
-    else {
-        return ExitCode::from(2);
-    };
+fn tail(source: &ztfhook::tail::TailSource, options: &ztfhook::tail::TailOptions) -> ExitCode {
     let shutdown = Arc::new(Shutdown::new());
     // Ctrl-C stops the loop after the message in hand.
     let signals = tokio::runtime::Builder::new_multi_thread()
@@ -170,13 +178,7 @@ fn tail(cli: &cli::Cli, source: &ztfhook::tail::TailSource) -> ExitCode {
     if let Ok(rt) = &signals {
         rt.spawn(ztfhook::shutdown::listen_for_signals(Arc::clone(&shutdown)));
     }
-    let options = ztfhook::tail::TailOptions {
-        from_beginning: *from_beginning,
-        max: *max,
-        format: *format,
-        topics: topics.clone(),
-    };
-    match ztfhook::tail::run(source, &options, &shutdown, &mut std::io::stdout()) {
+    match ztfhook::tail::run(source, options, &shutdown, &mut std::io::stdout()) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ztfhook: {e}");

@@ -622,6 +622,27 @@ mod tests {
         }
     }
 
+    /// A sink that never connects: connecting is lazy, and these tests
+    /// publish nothing.
+    async fn idle_sink(
+        config: &Config,
+        acks: &crossbeam_channel::Sender<Ack>,
+        shutdown: &Arc<Shutdown>,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<PubsubSink> {
+        Arc::new(
+            PubsubSink::connect(
+                config,
+                Endpoint::Emulator("127.0.0.1:9".into()),
+                acks.clone(),
+                Arc::clone(shutdown),
+                Arc::clone(metrics),
+            )
+            .await
+            .unwrap(),
+        )
+    }
+
     /// A hook that takes seconds to build.
     struct SlowToBuild;
     impl HookFactory for SlowToBuild {
@@ -644,17 +665,7 @@ mod tests {
         let (acks, _acked) = unbounded();
         let metrics = Arc::new(Metrics::new());
         let shutdown = Arc::new(Shutdown::new());
-        let sink = Arc::new(
-            PubsubSink::connect(
-                &config,
-                Endpoint::Emulator("127.0.0.1:9".into()),
-                acks.clone(),
-                Arc::clone(&shutdown),
-                Arc::clone(&metrics),
-            )
-            .await
-            .unwrap(),
-        );
+        let sink = idle_sink(&config, &acks, &shutdown, &metrics).await;
         let hooks: Arc<dyn HookFactory> = Arc::new(SlowToBuild);
         let started = Instant::now();
         let result = start_workers(
@@ -688,18 +699,7 @@ mod tests {
         let (acks, acked) = unbounded();
         let metrics = Arc::new(Metrics::new());
         let shutdown = Arc::new(Shutdown::new());
-        // Connecting is lazy, and a dropped message publishes nothing.
-        let sink = Arc::new(
-            PubsubSink::connect(
-                &config,
-                Endpoint::Emulator("127.0.0.1:9".into()),
-                acks.clone(),
-                Arc::clone(&shutdown),
-                Arc::clone(&metrics),
-            )
-            .await
-            .unwrap(),
-        );
+        let sink = idle_sink(&config, &acks, &shutdown, &metrics).await;
         let hooks = Arc::new(PanicsOnce {
             built: AtomicUsize::new(0),
         });

@@ -39,13 +39,8 @@ pub fn is_secret_key(key: &str) -> bool {
         || (key.contains("oauthbearer") && key.ends_with("config"))
 }
 
-/// `url` without its user and password (`https://u:p@host/x` ->
-/// `https://host/x`); other text unchanged.
-pub fn without_userinfo(url: &str) -> String {
-    scrub_urls(url)
-}
-
-/// `text` with the user info of every URL in it removed.
+/// `text` with the user info of every URL in it removed
+/// (`https://u:p@host/x` -> `https://host/x`); other text unchanged.
 pub fn scrub_urls(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -174,13 +169,10 @@ mod tests {
     #[test]
     fn urls_lose_their_user_info_and_nothing_else() {
         assert_eq!(
-            without_userinfo("https://alice:s3cret@registry.example:8081/schema-registry"),
+            scrub_urls("https://alice:s3cret@registry.example:8081/schema-registry"),
             "https://registry.example:8081/schema-registry"
         );
-        assert_eq!(
-            without_userinfo("http://127.0.0.1:1/x"),
-            "http://127.0.0.1:1/x"
-        );
+        assert_eq!(scrub_urls("http://127.0.0.1:1/x"), "http://127.0.0.1:1/x");
         assert_eq!(
             scrub_urls("registry http://u:p@h/schemas/ids/1: refused (see http://h2/a@b)"),
             "registry http://h/schemas/ids/1: refused (see http://h2/a@b)"
@@ -191,7 +183,7 @@ mod tests {
             "https://alice:Hun(ter2)SECRET@reg.example/x",
             "https://alice:p,w'x@reg.example/x",
         ] {
-            assert_eq!(without_userinfo(url), "https://reg.example/x", "{url}");
+            assert_eq!(scrub_urls(url), "https://reg.example/x", "{url}");
             assert_eq!(
                 scrub_urls(&format!("registry {url}: refused")),
                 "registry https://reg.example/x: refused"

@@ -84,11 +84,7 @@ impl TailSource {
             let props = crate::connect::properties::Properties::load(path)
                 .map_err(|e| TailError::Input(e.to_string()))?;
             for e in props.entries() {
-                settings.push(Setting {
-                    key: e.key.clone(),
-                    value: e.value.clone(),
-                    at: format!("{}:{}", path.display(), e.line),
-                });
+                settings.push(Setting::from_entry(&props, e, &e.key));
             }
         }
         if let Some(b) = bootstrap {

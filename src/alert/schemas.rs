@@ -35,10 +35,7 @@ impl std::fmt::Debug for SchemaSources {
             .field("directory", &self.directory)
             .field(
                 "registry",
-                &self
-                    .registry
-                    .as_deref()
-                    .map(crate::secret::without_userinfo),
+                &self.registry.as_deref().map(crate::secret::scrub_urls),
             )
             .finish()
     }
@@ -122,7 +119,7 @@ impl SchemaStore {
                 .clone()
         };
         // Named without its user info; reqwest's errors without the URL.
-        let shown = crate::secret::without_userinfo(&url);
+        let shown = crate::secret::scrub_urls(&url);
         let fail = |m: String| AvroError(format!("registry {shown}: {m}"));
         let response = client
             .get(&url)

@@ -7,7 +7,7 @@ use super::is_secret_property;
 
 /// librdkafka properties that ztfhook owns: setting them would break the
 /// at-least-once guarantee, so a config that names them is rejected.
-pub(super) const RESERVED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+pub(crate) const RESERVED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
     (
         "enable.auto.commit",
         "ztfhook commits offsets itself, only after Pub/Sub has acknowledged them",
@@ -60,21 +60,14 @@ pub(super) fn flatten(prefix: &str, table: toml::Table, out: &mut Vec<(String, t
 pub(crate) fn check_librdkafka_property(key: &str, value: &str) -> Result<(), String> {
     let mut probe = rdkafka::ClientConfig::new();
     probe.set(key, value);
-    match probe.create_native_config() {
-        Ok(_) => Ok(()),
-        Err(rdkafka::error::KafkaError::ClientConfig(_, desc, _, _)) => {
-            let secret = is_secret_property(key).then_some(value);
-            Err(format!(
-                "librdkafka rejects it: {}",
-                crate::secret::scrub(&desc, secret)
-            ))
-        }
-        Err(other) => {
-            let secret = is_secret_property(key).then_some(value);
-            Err(format!(
-                "librdkafka rejects it: {}",
-                crate::secret::scrub(&other.to_string(), secret)
-            ))
-        }
-    }
+    let desc = match probe.create_native_config() {
+        Ok(_) => return Ok(()),
+        Err(rdkafka::error::KafkaError::ClientConfig(_, desc, _, _)) => desc,
+        Err(other) => other.to_string(),
+    };
+    let secret = is_secret_property(key).then_some(value);
+    Err(format!(
+        "librdkafka rejects it: {}",
+        crate::secret::scrub(&desc, secret)
+    ))
 }

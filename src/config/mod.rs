@@ -29,7 +29,7 @@ use std::time::Duration;
 
 mod env;
 mod librdkafka;
-pub(crate) use librdkafka::check_librdkafka_property;
+pub(crate) use librdkafka::{check_librdkafka_property, RESERVED_KAFKA_PROPERTIES};
 mod names;
 mod raw;
 mod spans;
@@ -125,7 +125,7 @@ impl fmt::Debug for Kafka {
                 let v = if is_secret_property(k) {
                     crate::secret::REDACTED.to_string()
                 } else {
-                    crate::secret::without_userinfo(v)
+                    crate::secret::scrub_urls(v)
                 };
                 (k.as_str(), v)
             })

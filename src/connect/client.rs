@@ -19,6 +19,22 @@ pub struct Setting {
     pub at: String,
 }
 
+impl Setting {
+    /// An entry of a properties file, under `key` (its name, or the name
+    /// without a prefix such as `consumer.`).
+    pub fn from_entry(
+        props: &super::properties::Properties,
+        entry: &super::properties::Entry,
+        key: &str,
+    ) -> Setting {
+        Setting {
+            key: key.to_string(),
+            value: entry.value.clone(),
+            at: props.line_of(entry),
+        }
+    }
+}
+
 /// librdkafka's settings, and what was left out.
 #[derive(Debug, Clone, Default)]
 pub struct Client {
@@ -108,21 +124,15 @@ const LEFT_OUT: &[(&str, &str)] = &[
         "errors.",
         "Kafka Connect's error handling: ztfhook's is hook.on_error and pubsub.dead_letter_topic",
     ),
-    (
-        "enable.auto.commit",
-        "ztfhook commits offsets itself, only after Pub/Sub has acknowledged them",
-    ),
-    (
-        "enable.auto.offset.store",
-        "ztfhook stores offsets itself, only after Pub/Sub has acknowledged them",
-    ),
     ("key.serializer", "a producer setting"),
     ("value.serializer", "a producer setting"),
 ];
 
 fn left_out(key: &str) -> Option<&'static str> {
+    // And the properties ztfhook owns, with the reason the config gives.
     LEFT_OUT
         .iter()
+        .chain(crate::config::RESERVED_KAFKA_PROPERTIES)
         .find(|(k, _)| {
             if k.ends_with('.') {
                 key.starts_with(k)

@@ -122,7 +122,7 @@ pub fn import(worker: &Properties, connector: &Properties) -> Result<Imported, I
     let mut settings = Vec::new();
     let mut notes = Vec::new();
     for e in worker.entries() {
-        let at = format!("{}:{}", worker.path.display(), e.line);
+        let at = worker.line_of(e);
         if e.key.starts_with("producer.") || e.key.starts_with("admin.") {
             notes.push(format!(
                 "{} ({at}): for Kafka Connect's producers and admin clients; ztfhook only consumes",
@@ -131,11 +131,7 @@ pub fn import(worker: &Properties, connector: &Properties) -> Result<Imported, I
         } else if e.key == "group.id" {
             notes.push(format!("group.id ({at}): the Connect cluster's group (distributed mode), not the sink's consumer group"));
         } else if !e.key.starts_with("consumer.") {
-            settings.push(Setting {
-                key: e.key.clone(),
-                value: e.value.clone(),
-                at,
-            });
+            settings.push(Setting::from_entry(worker, e, &e.key));
         }
     }
     for (props, prefix) in [(worker, "consumer."), (connector, "consumer.override.")] {
@@ -144,11 +140,7 @@ pub fn import(worker: &Properties, connector: &Properties) -> Result<Imported, I
                 if prefix == "consumer." && key.starts_with("override.") {
                     continue;
                 }
-                settings.push(Setting {
-                    key: key.to_string(),
-                    value: e.value.clone(),
-                    at: format!("{}:{}", props.path.display(), e.line),
-                });
+                settings.push(Setting::from_entry(props, e, key));
             }
         }
     }
@@ -233,7 +225,6 @@ pub fn import(worker: &Properties, connector: &Properties) -> Result<Imported, I
     let mut batching = String::new();
     let mut pipeline = String::new();
     let mut attributes = String::new();
-    let connector_file_notes = &mut notes;
     let at = |k: &str| {
         if connector.get(k).is_some() {
             connector.at(k)
@@ -273,7 +264,7 @@ pub fn import(worker: &Properties, connector: &Properties) -> Result<Imported, I
                 at("orderingKeySource")
             );
         }
-        Some(other) => connector_file_notes.push(format!(
+        Some(other) => notes.push(format!(
             "orderingKeySource ({}): `{other}` is not none, key or partition",
             at("orderingKeySource")
         )),
@@ -350,7 +341,7 @@ pub fn import(worker: &Properties, connector: &Properties) -> Result<Imported, I
         );
     }
     if let Some((n, a)) = number("tasks.max") {
-        connector_file_notes.push(format!(
+        notes.push(format!(
             "tasks.max = {n} ({a}): Kafka Connect's consumers in the group; ztfhook is one consumer feeding [pipeline] workers threads (default: one per CPU); to spread partitions over machines, run more ztfhook instances with the same group.id"
         ));
     }
@@ -367,7 +358,7 @@ pub fn import(worker: &Properties, connector: &Properties) -> Result<Imported, I
         ("header.converter", "ztfhook passes headers as text attributes"),
     ] {
         if connector.get(key).is_some() {
-            connector_file_notes.push(format!("{key} ({}): {why}", at(key)));
+            notes.push(format!("{key} ({}): {why}", at(key)));
         }
     }
     for e in connector.entries() {
@@ -377,12 +368,12 @@ pub fn import(worker: &Properties, connector: &Properties) -> Result<Imported, I
                 || k.starts_with("transforms")
                 || k.starts_with("predicates")
             {
-                connector_file_notes.push(format!(
+                notes.push(format!(
                     "{k} ({}): Kafka Connect's error handling and transforms: ztfhook's are hook.on_error, pubsub.dead_letter_topic and hook scripts",
                     at(k)
                 ));
             } else {
-                connector_file_notes.push(format!(
+                notes.push(format!(
                     "{k} ({}): not a key of CloudPubSubSinkConnector that ztfhook knows",
                     at(k)
                 ));

@@ -132,9 +132,14 @@ impl Properties {
     /// `file:line` of `key`, for messages.
     pub fn at(&self, key: &str) -> String {
         match self.entry(key) {
-            Some(e) => format!("{}:{}", self.path.display(), e.line),
+            Some(e) => self.line_of(e),
             None => self.path.display().to_string(),
         }
+    }
+
+    /// `file:line` of one of this file's entries.
+    pub fn line_of(&self, entry: &Entry) -> String {
+        format!("{}:{}", self.path.display(), entry.line)
     }
 }
 

@@ -153,65 +153,41 @@ fn register_checked_strings(engine: &mut Engine, limits: Limits) {
             Ok::<_, Box<EvalAltResult>>(())
         },
     );
-    let pieces = move |n: usize| -> Result<(), Box<EvalAltResult>> {
-        if n.saturating_mul(BYTES_PER_PIECE) > max {
-            return Err(too_large("Size of array"));
-        }
-        Ok(())
-    };
-    let collect = |parts: std::str::Split<'_, &str>| -> Array {
-        parts.map(|p| Dynamic::from(p.to_string())).collect()
-    };
     engine.register_fn("split", move |s: &str, delimiter: &str| {
-        let n = if delimiter.is_empty() {
-            s.chars().count() + 2
-        } else {
-            s.matches(delimiter).count() + 1
-        };
-        pieces(n)?;
-        Ok::<_, Box<EvalAltResult>>(collect(s.split(delimiter)))
+        pieces(s.split(delimiter), max)
     });
     engine.register_fn("split", move |s: &str, delimiter: char| {
-        pieces(s.matches(delimiter).count() + 1)?;
-        Ok::<_, Box<EvalAltResult>>(
-            s.split(delimiter)
-                .map(|p| Dynamic::from(p.to_string()))
-                .collect::<Array>(),
-        )
+        pieces(s.split(delimiter), max)
     });
-    engine.register_fn("split", move |s: &str| {
-        pieces(s.split_whitespace().count())?;
-        Ok::<_, Box<EvalAltResult>>(
-            s.split_whitespace()
-                .map(|p| Dynamic::from(p.to_string()))
-                .collect::<Array>(),
-        )
-    });
+    engine.register_fn("split", move |s: &str| pieces(s.split_whitespace(), max));
     engine.register_fn("split_rev", move |s: &str, delimiter: &str| {
-        let n = if delimiter.is_empty() {
-            s.chars().count() + 2
-        } else {
-            s.matches(delimiter).count() + 1
-        };
-        pieces(n)?;
-        Ok::<_, Box<EvalAltResult>>(
-            s.rsplit(delimiter)
-                .map(|p| Dynamic::from(p.to_string()))
-                .collect::<Array>(),
-        )
+        pieces(s.rsplit(delimiter), max)
     });
     engine.register_fn("split_rev", move |s: &str, delimiter: char| {
-        pieces(s.matches(delimiter).count() + 1)?;
-        Ok::<_, Box<EvalAltResult>>(
-            s.rsplit(delimiter)
-                .map(|p| Dynamic::from(p.to_string()))
-                .collect::<Array>(),
-        )
+        pieces(s.rsplit(delimiter), max)
     });
     engine.register_fn("to_chars", move |s: &str| {
-        pieces(s.chars().count())?;
+        fits(s.chars().count(), max)?;
         Ok::<_, Box<EvalAltResult>>(s.chars().map(Dynamic::from).collect::<Array>())
     });
+}
+
+/// Whether an array of `n` short values fits in `max` bytes.
+fn fits(n: usize, max: usize) -> Result<(), Box<EvalAltResult>> {
+    if n.saturating_mul(BYTES_PER_PIECE) > max {
+        return Err(too_large("Size of array"));
+    }
+    Ok(())
+}
+
+/// The pieces of a split string as an array, counted (a pass over the
+/// string) before any is allocated.
+fn pieces<'a>(
+    parts: impl Iterator<Item = &'a str> + Clone,
+    max: usize,
+) -> Result<Array, Box<EvalAltResult>> {
+    fits(parts.clone().count(), max)?;
+    Ok(parts.map(|p| Dynamic::from(p.to_string())).collect())
 }
 
 /// An engine with ztfhook's limits, helpers and message type.

@@ -272,7 +272,7 @@ fn state(
                 name,
                 lua.create_function(move |_, args: mlua::MultiValue| {
                     let caught = inner.call::<mlua::MultiValue>(args)?;
-                    if left.get() < u64::from(INSTRUCTIONS_PER_CHECK) {
+                    if spent(&left) {
                         return Err(mlua::Error::external(OverOperations(max)));
                     }
                     Ok(caught)
@@ -324,11 +324,10 @@ fn state(
     lua.set_hook(
         HookTriggers::new().every_nth_instruction(INSTRUCTIONS_PER_CHECK),
         move |_, _| {
-            let n = left.get();
-            if n < u64::from(INSTRUCTIONS_PER_CHECK) {
+            if spent(&left) {
                 return Err(mlua::Error::external(OverOperations(limits.max_operations)));
             }
-            left.set(n - u64::from(INSTRUCTIONS_PER_CHECK));
+            left.set(left.get() - u64::from(INSTRUCTIONS_PER_CHECK));
             Ok(VmState::Continue)
         },
     )
@@ -365,6 +364,11 @@ fn state(
             )
         })?;
     Ok((lua, route, budget))
+}
+
+/// Whether a call's budget has no check's worth of instructions left.
+fn spent(budget: &Cell<u64>) -> bool {
+    budget.get() < u64::from(INSTRUCTIONS_PER_CHECK)
 }
 
 /// The instruction limit, as the error it raises.
