@@ -284,24 +284,6 @@ fn an_unknown_config_key_exits_with_code_2_naming_key_file_and_line() {
     assert!(log.contains("No such configuration property"), "{log}");
 }
 
-fn scram(s: &Services, password: &str) -> Vec<(String, String)> {
-    vec![
-        ("security.protocol".into(), "SASL_PLAINTEXT".into()),
-        ("sasl.mechanism".into(), "SCRAM-SHA-512".into()),
-        ("sasl.username".into(), s.scram_user.clone()),
-        ("sasl.password".into(), password.into()),
-    ]
-}
-
-fn scram_client(s: &Services) -> rdkafka::ClientConfig {
-    let extra = scram(s, &s.scram_password);
-    let pairs: Vec<(&str, &str)> = extra
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    kafka_config(&s.scram_bootstrap, &pairs)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scram_sha_512_with_the_right_password_delivers() {
     let s = services();

@@ -22,45 +22,9 @@ fn data(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Runs `ztfhook import-connect WORKER CONNECTOR`: (stdout, stderr, exit code).
-fn import(worker: &Path, connector: &Path) -> (String, String, Option<i32>) {
-    let out = Command::new(bin())
-        .arg("import-connect")
-        .arg(worker)
-        .arg(connector)
-        .output()
-        .unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.code(),
-    )
-}
-
-fn check_config(toml: &str, env: &[(&str, &str)]) -> (bool, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("imported.toml");
-    std::fs::write(&path, toml).unwrap();
-    let out = Command::new(bin())
-        .arg("--config")
-        .arg(&path)
-        .arg("check-config")
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 #[test]
 fn the_shared_kafka_connect_files_become_a_config_that_check_config_accepts() {
-    let (toml, err, code) = import(
+    let (toml, err, code) = import_connect(
         &data("psconnect-worker.properties"),
         &data("ps-connector.properties"),
     );
@@ -106,7 +70,7 @@ fn a_file_the_parser_cannot_read_is_named_with_its_line_and_a_source_connector_i
     let dir = tempfile::tempdir().unwrap();
     let worker = dir.path().join("w.properties");
     std::fs::write(&worker, "bootstrap.servers=x:1\nbad=\\u12\n").unwrap();
-    let (_, err, code) = import(&worker, &data("ps-connector.properties"));
+    let (_, err, code) = import_connect(&worker, &data("ps-connector.properties"));
     assert_eq!(code, Some(2));
     assert!(err.contains("w.properties:2: malformed"), "{err}");
 
@@ -117,7 +81,7 @@ fn a_file_the_parser_cannot_read_is_named_with_its_line_and_a_source_connector_i
     )
     .unwrap();
     std::fs::write(&worker, "bootstrap.servers=x:1\n").unwrap();
-    let (_, err, code) = import(&worker, &connector);
+    let (_, err, code) = import_connect(&worker, &connector);
     assert_eq!(code, Some(2));
     assert!(
         err.contains("c.properties:2") && err.contains("CloudPubSubSourceConnector"),
@@ -182,13 +146,7 @@ async fn a_converted_scram_connector_moves_the_same_messages_with_the_connectors
     let prefix = unique("connect");
     let topic = format!("{prefix}-a");
     let ps = unique("connect");
-    let scram = [
-        ("security.protocol", "SASL_PLAINTEXT"),
-        ("sasl.mechanism", "SCRAM-SHA-512"),
-        ("sasl.username", s.scram_user.as_str()),
-        ("sasl.password", s.scram_password.as_str()),
-    ];
-    let cc = kafka_config(&s.scram_bootstrap, &scram);
+    let cc = scram_client(&s);
     create_kafka_topic(&cc, &topic, 2).await;
     let subscription = create_pubsub_topic_ordered(&s.emulator, &ps).await;
     let mut inbox = Inbox::open(&s.emulator, &subscription).await;
@@ -208,7 +166,7 @@ async fn a_converted_scram_connector_moves_the_same_messages_with_the_connectors
 
     let dir = tempfile::tempdir().unwrap();
     let (worker, connector) = scram_files(dir.path(), &s, &prefix, &ps);
-    let (toml, err, code) = import(&worker, &connector);
+    let (toml, err, code) = import_connect(&worker, &connector);
     assert_eq!(code, Some(0), "{err}");
     assert!(!toml.contains(&s.scram_password) && !err.contains(&s.scram_password));
     assert!(
@@ -286,17 +244,26 @@ async fn a_converted_scram_connector_moves_the_same_messages_with_the_connectors
     }
 }
 
+/// `ztfhook tail` as Kafka's console consumer is invoked.
+fn tail(bootstrap: &str, topic: &str, consumer_config: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.args([
+        "tail",
+        "--bootstrap-server",
+        bootstrap,
+        "--topic",
+        topic,
+        "--consumer.config",
+    ])
+    .arg(consumer_config);
+    c
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_takes_the_console_consumers_arguments_and_a_scram_jaas_file_from_kafka_opts() {
     let s = services();
     let topic = unique("tail-console");
-    let scram = [
-        ("security.protocol", "SASL_PLAINTEXT"),
-        ("sasl.mechanism", "SCRAM-SHA-512"),
-        ("sasl.username", s.scram_user.as_str()),
-        ("sasl.password", s.scram_password.as_str()),
-    ];
-    let cc = kafka_config(&s.scram_bootstrap, &scram);
+    let cc = scram_client(&s);
     create_kafka_topic(&cc, &topic, 1).await;
     let alerts: Vec<Vec<u8>> = sample_alerts("ztf")
         .into_iter()
@@ -321,16 +288,7 @@ async fn tail_takes_the_console_consumers_arguments_and_a_scram_jaas_file_from_k
         ),
     )
     .unwrap();
-    let out = Command::new(bin())
-        .args([
-            "tail",
-            "--bootstrap-server",
-            &s.scram_bootstrap,
-            "--topic",
-            &topic,
-            "--consumer.config",
-        ])
-        .arg(&props)
+    let out = tail(&s.scram_bootstrap, &topic, &props)
         .args([
             "--from-beginning",
             "--max-messages",
@@ -371,16 +329,7 @@ async fn tail_takes_the_console_consumers_arguments_and_a_scram_jaas_file_from_k
     assert!(!stderr.contains(&s.scram_password) && !stdout.contains(&s.scram_password));
 
     // A JAAS file that is not there is named.
-    let out = Command::new(bin())
-        .args([
-            "tail",
-            "--bootstrap-server",
-            &s.scram_bootstrap,
-            "--topic",
-            &topic,
-            "--consumer.config",
-        ])
-        .arg(&props)
+    let out = tail(&s.scram_bootstrap, &topic, &props)
         .args(["--from-beginning", "--max-messages", "1", "--jaas"])
         .arg(dir.path().join("missing.conf"))
         .output()
@@ -393,13 +342,7 @@ async fn tail_takes_the_console_consumers_arguments_and_a_scram_jaas_file_from_k
 async fn the_shipped_rubin_config_reads_the_scram_broker_over_sasl_plaintext() {
     let s = services();
     let (topic, ps) = (unique("rubin"), unique("rubin"));
-    let scram = [
-        ("security.protocol", "SASL_PLAINTEXT"),
-        ("sasl.mechanism", "SCRAM-SHA-512"),
-        ("sasl.username", s.scram_user.as_str()),
-        ("sasl.password", s.scram_password.as_str()),
-    ];
-    let cc = kafka_config(&s.scram_bootstrap, &scram);
+    let cc = scram_client(&s);
     create_kafka_topic(&cc, &topic, 1).await;
     let alerts: Vec<Vec<u8>> = sample_alerts("rubin").into_iter().map(|(_, b)| b).collect();
     produce(&cc, &topic, &records(&alerts, 1)).await;

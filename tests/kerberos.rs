@@ -272,18 +272,8 @@ fn the_shared_kafka_connect_files_converted_log_in_from_the_keytab_as_the_worker
     let dir = tempfile::tempdir().unwrap();
     let worker = shared_file("psconnect-worker.properties", &kdc, dir.path());
     let connector = shared_file("ps-connector.properties", &kdc, dir.path());
-    let out = Command::new(common::bin())
-        .arg("import-connect")
-        .arg(&worker)
-        .arg(&connector)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let toml = String::from_utf8(out.stdout).unwrap();
+    let (toml, err, code) = common::import_connect(&worker, &connector);
+    assert_eq!(code, Some(0), "{err}");
     // Kafka is what is tested: a discarding sink.
     let text = format!("{toml}\n[pipeline]\nsink = \"discard\"\n");
     let mut bridge = Bridge::start_text_env(&text, &kdc.env());

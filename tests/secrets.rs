@@ -18,13 +18,7 @@ const PULL: Duration = Duration::from_secs(120);
 async fn no_secret_or_local_path_reaches_a_log_line_check_config_or_an_attribute() {
     let s = services();
     let (topic, group, ps) = (unique("secrets"), unique("group"), unique("secrets"));
-    let scram = [
-        ("security.protocol", "SASL_PLAINTEXT"),
-        ("sasl.mechanism", "SCRAM-SHA-512"),
-        ("sasl.username", s.scram_user.as_str()),
-        ("sasl.password", s.scram_password.as_str()),
-    ];
-    let cc = kafka_config(&s.scram_bootstrap, &scram);
+    let cc = scram_client(&s);
     create_kafka_topic(&cc, &topic, 1).await;
     let alerts: Vec<Vec<u8>> = sample_alerts("rubin")
         .into_iter()
@@ -97,25 +91,8 @@ async fn no_secret_or_local_path_reaches_a_log_line_check_config_or_an_attribute
     );
 
     // check-config first.
-    let path = private.path().join("ztfhook.toml");
-    std::fs::write(&path, &text).unwrap();
-    let out = std::process::Command::new(bin())
-        .arg("--config")
-        .arg(&path)
-        .arg("check-config")
-        .env("ZTFHOOK_TEST_PASSWORD", &s.scram_password)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let check = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, check) = check_config(&text, &[("ZTFHOOK_TEST_PASSWORD", &s.scram_password)]);
+    assert!(ok, "{check}");
     assert!(
         check.contains(&format!("http://127.0.0.1:{registry_port}/registry")),
         "check-config does not show the registry: {check}"

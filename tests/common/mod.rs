@@ -178,6 +178,26 @@ pub async fn produce(cc: &ClientConfig, topic: &str, records: &[Record]) {
     }
 }
 
+/// The librdkafka settings of a SCRAM-SHA-512 login to the SCRAM broker.
+pub fn scram(s: &Services, password: &str) -> Vec<(String, String)> {
+    vec![
+        ("security.protocol".into(), "SASL_PLAINTEXT".into()),
+        ("sasl.mechanism".into(), "SCRAM-SHA-512".into()),
+        ("sasl.username".into(), s.scram_user.clone()),
+        ("sasl.password".into(), password.into()),
+    ]
+}
+
+/// A client of the SCRAM broker, logged in with the right password.
+pub fn scram_client(s: &Services) -> ClientConfig {
+    let extra = scram(s, &s.scram_password);
+    let pairs: Vec<(&str, &str)> = extra
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    kafka_config(&s.scram_bootstrap, &pairs)
+}
+
 /// Spreads payloads round-robin over partitions.
 pub fn records(payloads: &[Vec<u8>], partitions: i32) -> Vec<Record> {
     payloads
@@ -612,6 +632,44 @@ pub struct PrivateEmulator {
 /// another build (to show a test fails without a fix).
 pub fn bin() -> String {
     std::env::var("ZTFHOOK_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ztfhook").to_string())
+}
+
+/// Runs `ztfhook --config FILE check-config` on `toml` with `env`: whether
+/// it passed, and what it printed (stdout and stderr).
+pub fn check_config(toml: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ztfhook.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(bin())
+        .arg("--config")
+        .arg(&path)
+        .arg("check-config")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Runs `ztfhook import-connect WORKER CONNECTOR`: (stdout, stderr, exit code).
+pub fn import_connect(worker: &Path, connector: &Path) -> (String, String, Option<i32>) {
+    let out = Command::new(bin())
+        .arg("import-connect")
+        .arg(worker)
+        .arg(connector)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code(),
+    )
 }
 
 pub fn free_port() -> u16 {
