@@ -40,6 +40,11 @@ pub const KAFKA_PARTITION: &str = "kafka.partition";
 pub const KAFKA_OFFSET: &str = "kafka.offset";
 pub const KAFKA_TIMESTAMP: &str = "kafka.timestamp";
 pub const KEY: &str = "key";
+/// On a replayed alert, in place of the `kafka.*` four: the archive's file
+/// name, the member's name in it, and the topic the replay gave it.
+pub const ARCHIVE_FILE: &str = "archive.file";
+pub const ARCHIVE_MEMBER: &str = "archive.member";
+pub const ARCHIVE_TOPIC: &str = "archive.topic";
 
 /// How an attribute breaks Pub/Sub's rules.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -119,18 +124,34 @@ pub fn build(
     if options.kafka_metadata {
         let map = &mut out.map;
         map.reserve(5 + hook.len());
-        map.insert(KAFKA_TOPIC.to_string(), envelope.topic.to_string());
-        map.insert(KAFKA_PARTITION.to_string(), envelope.partition.to_string());
-        map.insert(KAFKA_OFFSET.to_string(), envelope.offset.to_string());
-        if let Some(ts) = envelope.timestamp_ms {
-            map.insert(KAFKA_TIMESTAMP.to_string(), ts.to_string());
-        }
-        if let Some(key) = &envelope.key {
-            match std::str::from_utf8(key) {
-                Ok(k) if k.len() <= MAX_VALUE_BYTES => {
-                    map.insert(KEY.to_string(), k.to_string());
+        if let Some(member) = &envelope.archive {
+            // A replay: where the alert came from, and no Kafka values it never had.
+            map.insert(ARCHIVE_FILE.to_string(), member.file.to_string());
+            map.insert(ARCHIVE_MEMBER.to_string(), member.name.clone());
+            map.insert(ARCHIVE_TOPIC.to_string(), envelope.topic.to_string());
+            for (k, v) in [
+                (ARCHIVE_FILE, member.file.len()),
+                (ARCHIVE_MEMBER, member.name.len()),
+            ] {
+                if v > MAX_VALUE_BYTES {
+                    map.remove(k);
+                    omitted.push(k);
                 }
-                _ => omitted.push(KEY),
+            }
+        } else {
+            map.insert(KAFKA_TOPIC.to_string(), envelope.topic.to_string());
+            map.insert(KAFKA_PARTITION.to_string(), envelope.partition.to_string());
+            map.insert(KAFKA_OFFSET.to_string(), envelope.offset.to_string());
+            if let Some(ts) = envelope.timestamp_ms {
+                map.insert(KAFKA_TIMESTAMP.to_string(), ts.to_string());
+            }
+            if let Some(key) = &envelope.key {
+                match std::str::from_utf8(key) {
+                    Ok(k) if k.len() <= MAX_VALUE_BYTES => {
+                        map.insert(KEY.to_string(), k.to_string());
+                    }
+                    _ => omitted.push(KEY),
+                }
             }
         }
     }

@@ -1,43 +1,15 @@
-//! `ztfhook check`: runs a hook on alert files offline and prints each
-//! decision, the way to try a rule before deploying it.
+//! `ztfhook check`: runs a hook on alert files or archives offline (read as
+//! `replay` reads them, see [`crate::archive`]) and prints each decision,
+//! the way to try a rule before deploying it, or over a whole night.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use bytes::Bytes;
-
-use crate::envelope::Envelope;
+use crate::archive::{Found, Kind};
 use crate::hook::script::compile;
 use crate::hook::Environment;
 use crate::hook::{HookError, HookErrorKind, MessageView};
-
-/// Expands directories (and their subdirectories) into their `.avro` files,
-/// sorted; files stay as given.
-///
-/// # Errors
-/// The error of a directory that cannot be read.
-pub fn alert_files(inputs: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for input in inputs {
-        if input.is_dir() {
-            let mut inner: Vec<PathBuf> = std::fs::read_dir(input)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_dir() || p.extension().is_some_and(|x| x == "avro"))
-                .collect();
-            inner.sort();
-            for p in inner {
-                if p.is_dir() {
-                    out.extend(alert_files(&[p])?);
-                } else {
-                    out.push(p);
-                }
-            }
-        } else {
-            out.push(input.clone());
-        }
-    }
-    Ok(out)
-}
 
 /// Prints one decision per file; returns false if the hook failed on any.
 ///
@@ -46,40 +18,103 @@ pub fn alert_files(inputs: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
 pub fn run(
     script: &Path,
     env: &Environment,
-    topic: &str,
+    topic: Option<&str>,
     inputs: &[PathBuf],
     json: bool,
 ) -> Result<bool, HookError> {
     let compiled = compile(script, env)?;
     let mut hook = compiled.instantiate()?;
-    let read_error = |e: std::io::Error, p: &Path| {
-        HookError::new(
-            script.display(),
-            HookErrorKind::File,
-            format!("{}: {e}", p.display()),
-        )
+    let mut found = crate::archive::expand(inputs, topic)
+        .map_err(|e| HookError::new(script.display(), HookErrorKind::File, e.to_string()))?;
+    if topic.is_none() {
+        // Alert files without a topic of their own: the one `check` has always used.
+        let files: Arc<str> = Arc::from(FILES_TOPIC);
+        for input in &mut found.inputs {
+            if matches!(input.kind, Kind::Files(_)) {
+                input.topic = Arc::clone(&files);
+            }
+        }
+    }
+    let mut tally = Tally::default();
+    for (path, why) in &found.skipped {
+        eprintln!("ztfhook: {}: {why}: skipped", path.display());
+        tally.skipped += 1;
+    }
+    let inputs = found.inputs;
+    let (tx, rx) = crossbeam_channel::bounded(crate::archive::READ_AHEAD);
+    let reader = {
+        let inputs = inputs.clone();
+        std::thread::spawn(move || {
+            let starts = vec![Some(0); inputs.len()];
+            crate::archive::read_all(&inputs, &starts, &Arc::new(AtomicU64::new(0)), &tx);
+        })
     };
-    let list = alert_files(inputs).map_err(|e| read_error(e, Path::new(".")))?;
-    let topic: Arc<str> = Arc::from(topic);
     let mut all_ok = true;
     if !json {
         println!("{:<60} {:<5} {:<30} attributes", "file", "keep", "topics");
     }
-    for (i, path) in list.iter().enumerate() {
-        let payload = std::fs::read(path).map_err(|e| read_error(e, path))?;
-        let envelope = Envelope {
-            topic: Arc::clone(&topic),
-            partition: 0,
-            offset: i as i64,
-            timestamp_ms: None,
-            key: None,
-            headers: Vec::new(),
-            payload: Bytes::from(payload),
-            ..Default::default()
+    for item in rx {
+        let (input, index, name) = match &item {
+            Found::Member {
+                input, index, name, ..
+            } => (*input, *index as usize, name.clone()),
+            Found::Skipped { input, name, .. } => {
+                eprintln!(
+                    "ztfhook: {}: member `{name}` is not an .avro alert file by its name: skipped",
+                    inputs[*input].path.display()
+                );
+                tally.skipped += 1;
+                continue;
+            }
+            Found::Done {
+                input,
+                error,
+                members,
+            } => {
+                if let Some(e) = error {
+                    eprintln!("ztfhook: {}: {e}", inputs[*input].path.display());
+                    all_ok = false;
+                    tally.unreadable += 1;
+                } else if *members == 0 {
+                    eprintln!(
+                        "ztfhook: {}: an empty archive: no members in it",
+                        inputs[*input].path.display()
+                    );
+                }
+                continue;
+            }
         };
-        let name = path.display().to_string();
-        match hook.decide(&MessageView::new(&envelope)) {
+        let name = match &inputs[input].kind {
+            Kind::Files(files) => files
+                .get(index)
+                .map_or(name.clone(), |(p, _)| p.display().to_string()),
+            Kind::Tarball => format!("{}:{name}", inputs[input].path.display()),
+        };
+        let envelope = item.into_envelope(&inputs).expect("a member");
+        let decided = match envelope.archive.as_ref().and_then(|m| m.problem.clone()) {
+            Some(problem) => Err(HookError::new(
+                script.display(),
+                HookErrorKind::Runtime,
+                problem,
+            )),
+            None => hook.decide(&MessageView::new(&envelope)),
+        };
+        tally.members += 1;
+        match decided {
             Ok(d) => {
+                if d.keep {
+                    tally.kept += 1;
+                    let named = if d.topics.is_empty() {
+                        vec!["(default)".to_string()]
+                    } else {
+                        d.topics.clone()
+                    };
+                    for t in named {
+                        *tally.topics.entry(t).or_default() += 1;
+                    }
+                } else {
+                    tally.dropped += 1;
+                }
                 let topics = if d.topics.is_empty() {
                     vec!["(default)".to_string()]
                 } else {
@@ -113,6 +148,7 @@ pub fn run(
             }
             Err(e) => {
                 all_ok = false;
+                tally.errors += 1;
                 if json {
                     println!(
                         "{}",
@@ -124,5 +160,41 @@ pub fn run(
             }
         }
     }
+    let _ = reader.join();
+    eprintln!("ztfhook: check: {tally}");
     Ok(all_ok)
+}
+
+/// The topic of alert files when `--topic` is not given.
+const FILES_TOPIC: &str = "ztf_20260101_programid1";
+
+/// What a check found, for its last line.
+#[derive(Debug, Default)]
+struct Tally {
+    members: u64,
+    kept: u64,
+    dropped: u64,
+    errors: u64,
+    skipped: u64,
+    unreadable: u64,
+    topics: std::collections::BTreeMap<String, u64>,
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} alerts: {} kept, {} dropped, {} errors; {} files skipped (not alerts by their names); {} inputs not read to their end",
+            self.members, self.kept, self.dropped, self.errors, self.skipped, self.unreadable
+        )?;
+        if !self.topics.is_empty() {
+            let by: Vec<String> = self
+                .topics
+                .iter()
+                .map(|(t, n)| format!("{t}={n}"))
+                .collect();
+            write!(f, "; kept by topic: {}", by.join(" "))?;
+        }
+        Ok(())
+    }
 }

@@ -81,11 +81,34 @@ pub enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
-    /// Run the hook (--script) on alert files offline and print each decision.
+    /// Send archived alerts (nightly tarballs, directories of .avro files,
+    /// alert files) through the hook to the configured destinations, as the
+    /// live stream's would be; resumable from a checkpoint. The config's
+    /// `[kafka]` settings are not used.
+    Replay {
+        /// The topic the hook sees (`msg.topic`); by default the archive's:
+        /// `ztf_public_YYYYMMDD.tar.gz` holds `ztf_YYYYMMDD_programid1`,
+        /// another tarball its name, a directory's files the directory's name.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Where the replay records what every destination acknowledged.
+        #[arg(long, default_value = "ztfhook-replay.checkpoint.json")]
+        checkpoint: PathBuf,
+        /// Ignore the checkpoint's progress: every input from its first member.
+        #[arg(long)]
+        from_start: bool,
+        /// Tarballs (.tar, .tar.gz, .tgz), directories, and alert files.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
+    /// Run the hook (--script) on alert files or archives offline and print
+    /// each decision (a summary on stderr).
     Check {
-        /// The Kafka topic the files are taken to come from.
-        #[arg(long, default_value = "ztf_20260101_programid1")]
-        topic: String,
+        /// The Kafka topic the files are taken to come from; by default
+        /// `ztf_20260101_programid1` for alert files and directories, and the
+        /// archive's topic for a tarball (as `replay` names it).
+        #[arg(long)]
+        topic: Option<String>,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
@@ -96,7 +119,8 @@ pub enum Command {
         /// Schemas of Rubin wire-format alerts: a Confluent schema registry URL.
         #[arg(long)]
         schema_registry: Option<String>,
-        /// Alert files (one Kafka message value each), or directories of `.avro` files.
+        /// Alert files (one Kafka message value each), directories of `.avro`
+        /// files, or tarballs of them.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },

@@ -1,5 +1,7 @@
-//! The owned Kafka message that travels from the consumer thread through a
-//! worker to the publisher.
+//! The owned message that travels from the consumer thread through a worker
+//! to the publisher: a Kafka message, or an alert read from an archive by
+//! `ztfhook replay` (see [`crate::archive`]), which then says where it came
+//! from in [`Envelope::archive`].
 //!
 //! The payload is copied out of librdkafka's buffer exactly once, into a
 //! [`Bytes`]; from there it is shared, never copied, into the Pub/Sub message.
@@ -33,6 +35,25 @@ pub struct Envelope {
     pub key: Option<Bytes>,
     pub headers: Vec<Header>,
     pub payload: Bytes,
+    /// Where a replayed alert came from; `None` for a Kafka message. Then
+    /// `topic` is the replay's topic, `partition` the input's position and
+    /// `offset` the member's position in it, and there is no timestamp, key
+    /// or header.
+    pub archive: Option<Arc<ArchiveMember>>,
+}
+
+/// A member of an archive (a tarball's member, or a directory's file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveMember {
+    /// The archive's file name (`ztf_public_20250302.tar.gz`), without its
+    /// directory: it goes into attributes.
+    pub file: Arc<str>,
+    /// The member's path inside the tarball, or the file's path below the
+    /// directory given.
+    pub name: String,
+    /// Why the member is not an alert (not Avro, over Pub/Sub's size limit):
+    /// the message takes `hook.on_error` instead of the hook.
+    pub problem: Option<String>,
 }
 
 impl Default for Envelope {
@@ -47,11 +68,21 @@ impl Default for Envelope {
             key: None,
             headers: Vec::new(),
             payload: Bytes::new(),
+            archive: None,
         }
     }
 }
 
 impl Envelope {
+    /// Where the message is, for log lines and errors:
+    /// `topic[partition]@offset`, or `file:member` for a replayed alert.
+    pub fn place(&self) -> String {
+        match &self.archive {
+            Some(m) => format!("{}:{}", m.file, m.name),
+            None => format!("{}[{}]@{}", self.topic, self.partition, self.offset),
+        }
+    }
+
     /// Bytes this message holds in memory, as counted against
     /// `pipeline.max_in_flight_bytes`.
     pub fn size(&self) -> usize {

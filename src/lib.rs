@@ -21,6 +21,9 @@
 //!                    behind the Source/Partitions traits (librdkafka, or a fake in its tests)
 //! source/kafka.rs    librdkafka: consumer creation, subscription, rebalance callbacks
 //! sink/pubsub.rs     publishers per topic, Pub/Sub limits, retries, health check
+//! archive/           alert archives (tarballs, directories) for `replay` and `check`: the
+//!                    members in a stable order, the checkpoint, the progress line, and
+//!                    archive/source.rs: the archives as the consumer loop's Source
 //! pipeline.rs        the wiring: services, the crossbeam worker pool, the hook per worker
 //! shutdown.rs        the shared stop signal, and the typed reasons the bridge stops
 //! metrics.rs         counters, one place, and the periodic stats line
@@ -41,6 +44,7 @@
 //! published twice; their number is bounded by the in-flight limits.
 
 pub mod alert;
+pub mod archive;
 pub(crate) mod attributes;
 pub mod check;
 pub mod config;

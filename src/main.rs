@@ -44,7 +44,7 @@ fn main() -> ExitCode {
                 registry: schema_registry.clone(),
             })),
         };
-        return match ztfhook::check::run(script, &env, topic, files, *json) {
+        return match ztfhook::check::run(script, &env, topic.as_deref(), files, *json) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(1),
             Err(e) => {
@@ -141,6 +141,23 @@ fn main() -> ExitCode {
         },
     };
     let shutdown = Arc::new(Shutdown::new());
+    if let Some(cli::Command::Replay {
+        topic,
+        checkpoint,
+        from_start,
+        inputs,
+    }) = &cli.command
+    {
+        return replay(
+            config,
+            hooks,
+            shutdown,
+            inputs,
+            topic.as_deref(),
+            checkpoint,
+            *from_start,
+        );
+    }
     match ztfhook::pipeline::run(config, hooks, shutdown) {
         Ok(summary) => {
             tracing::info!(
@@ -156,6 +173,97 @@ fn main() -> ExitCode {
             eprintln!("ztfhook: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// `ztfhook replay`: 0 when every input was read to its end and every
+/// member resolved; 1 when one was not (or the run failed); 2 when it
+/// could not start (an input missing, a checkpoint that does not fit).
+fn replay(
+    config: Config,
+    hooks: Arc<dyn HookFactory>,
+    shutdown: Arc<Shutdown>,
+    paths: &[std::path::PathBuf],
+    topic: Option<&str>,
+    checkpoint: &std::path::Path,
+    from_start: bool,
+) -> ExitCode {
+    use ztfhook::archive::checkpoint::Checkpoint;
+    let found = match ztfhook::archive::expand(paths, topic) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("ztfhook: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for (path, why) in &found.skipped {
+        tracing::warn!("{}: {why}: skipped, not sent", path.display());
+    }
+    for input in &found.inputs {
+        tracing::info!(
+            "replaying {} ({} bytes) as topic `{}`",
+            input.path.display(),
+            input.bytes,
+            input.topic
+        );
+    }
+    let checkpoint = match Checkpoint::open(checkpoint, from_start) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ztfhook: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let skipped = found.skipped.len();
+    let outcome = ztfhook::pipeline::replay(
+        config,
+        hooks,
+        Arc::clone(&shutdown),
+        found.inputs,
+        checkpoint,
+    );
+    let (summary, report) = match outcome {
+        Ok(done) => done,
+        Err(ztfhook::pipeline::ReplayError::Checkpoint(e)) => {
+            eprintln!("ztfhook: {e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("ztfhook: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(
+        "replay: {} of {} inputs complete; {} members read, published {} dropped {} dead-lettered {}; {} files and members skipped (not alerts by their names)",
+        report.inputs_complete,
+        report.inputs,
+        report.members,
+        summary.published,
+        summary.dropped,
+        summary.dead_lettered,
+        skipped + report.skipped.len(),
+    );
+    for e in &report.empty {
+        tracing::warn!("replay: {e}: empty");
+    }
+    for u in &report.unfinished {
+        tracing::warn!(
+            "replay: stopped before the end of {u}; run the same command again to go on"
+        );
+    }
+    let mut ok = report.unfinished.is_empty() && summary.abandoned == 0;
+    for e in &report.errors {
+        tracing::error!("replay: {e}");
+        ok = false;
+    }
+    if let Some(e) = &report.checkpoint_error {
+        tracing::error!("replay: the checkpoint could not be written: {e}");
+        ok = false;
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

@@ -101,23 +101,6 @@ pub fn run_with_clock(
     shutdown: Arc<Shutdown>,
     clock: Arc<dyn Clock>,
 ) -> Result<Summary, BridgeError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("ztfhook-pubsub")
-        .enable_all()
-        .build()
-        .map_err(BridgeError::Runtime)?;
-    let metrics = Arc::new(Metrics::new());
-    if let Some(address) = config.metrics_listen {
-        let bound = crate::http::serve(address, Arc::clone(&metrics), Arc::clone(&hooks))
-            .map_err(BridgeError::Metrics)?;
-        tracing::info!("metrics on http://{bound}/metrics, health on http://{bound}/healthz");
-    }
-    let (ack_tx, ack_rx) = unbounded::<Ack>();
-
-    // Start-up checks, in the order a user fixes them: Pub/Sub topics, hook, broker.
-    let endpoint = Endpoint::resolve(config.pubsub.endpoint.as_deref());
-    tracing::info!("publishing to {endpoint}");
     if config.pipeline.discard {
         // A dry run must not move (or take partitions from) the real group.
         let group = format!("{}.discard.{}", config.kafka.group_id(), std::process::id());
@@ -126,39 +109,9 @@ pub fn run_with_clock(
             config.kafka.group_id()
         );
         config.kafka.properties.insert("group.id".into(), group);
-    } else {
-        match runtime.block_on(check_topics(&endpoint, &config.pubsub_topics())) {
-            // A topic that is missing or forbidden is a configuration error;
-            // an endpoint that does not answer is an outage, and an instance
-            // started during one (a rolling update) joins the group and
-            // holds its messages, paused, until Pub/Sub answers again.
-            Err(e @ SinkError::Unreachable { .. }) => {
-                tracing::warn!("{e}; starting anyway: messages wait until Pub/Sub answers")
-            }
-            other => other?,
-        }
     }
-    let sink = Arc::new(runtime.block_on(PubsubSink::connect(
-        &config,
-        endpoint,
-        ack_tx.clone(),
-        Arc::clone(&shutdown),
-        Arc::clone(&metrics),
-    ))?);
-    let (queues, threads) = start_workers(
-        &config,
-        &hooks,
-        &sink,
-        &ack_tx,
-        &metrics,
-        &shutdown,
-        BUILD_DEADLINE,
-    )?;
-    drop(ack_tx);
-    tracing::info!("hook {} on {} workers", hooks.name(), threads.len());
-
-    let ledger = Arc::new(Mutex::new(Ledger::new(ack_rx, Arc::clone(&metrics))));
-    let context = SourceContext::new(Arc::clone(&ledger), Arc::clone(&metrics));
+    let core = Core::start(&config, &hooks, &shutdown, true)?;
+    let context = SourceContext::new(Arc::clone(&core.ledger), Arc::clone(&core.metrics));
     let consumer = kafka::create(&config, context)?;
     let subscription = Subscription::new(
         config.kafka.topics.clone(),
@@ -176,50 +129,208 @@ pub fn run_with_clock(
             .get("bootstrap.servers")
             .map_or("", String::as_str)
     );
-
-    runtime.spawn(crate::shutdown::listen_for_signals(Arc::clone(&shutdown)));
-
-    let dead_letter_sink = Arc::clone(&sink);
-    let settings = Settings {
-        limits: config.pipeline,
-        kafka_errors: config.pipeline.kafka_errors,
-        tombstones: config.pipeline.tombstones,
-        commits: !config.pipeline.discard,
-        stall_after: config.pipeline.stall_after,
-    };
-    let mut consumer_loop = ConsumerLoop::new(
-        KafkaSource::new(consumer),
-        Arc::clone(&ledger),
-        queues,
-        settings,
-        Box::new(move |envelope, reason| {
-            dead_letter_sink.dead_letter(envelope, None, reason, false);
-        }),
-        Arc::clone(&metrics),
-        Arc::clone(&shutdown),
-        Some((subscription, subscribed)),
-    );
-    let drained = consumer_loop.run();
-    if drained.abandoned == 0 {
-        for t in threads {
-            let _ = t.join();
-        }
-    }
     // Closing the consumer leaves the group (its revoke neither waits nor
     // commits again: the loop is closing).
-    drop(consumer_loop.into_source());
-    runtime.shutdown_timeout(Duration::from_secs(1));
-
-    let summary = Summary {
-        consumed: metrics.consumed.load(Ordering::Relaxed),
-        published: metrics.published.load(Ordering::Relaxed),
-        dropped: metrics.dropped.load(Ordering::Relaxed),
-        dead_lettered: metrics.dead_lettered.load(Ordering::Relaxed),
-        abandoned: drained.abandoned,
-    };
+    let (summary, _) = core.run(
+        &config,
+        KafkaSource::new(consumer),
+        Some((subscription, subscribed)),
+        config.pipeline,
+        drop,
+    );
     match shutdown.fatal() {
         Some(error) => Err(BridgeError::Fatal(error.clone())),
         None => Ok(summary),
+    }
+}
+
+/// Why a replay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::archive::checkpoint::CheckpointError),
+}
+
+/// How often a replay writes its checkpoint, at most (the config's
+/// `commit_interval_ms` when it is shorter): a kill re-sends what was in
+/// flight and what was acknowledged in one interval.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Replays archived alerts through the hook to the configured destinations,
+/// with the live run's batching, bounds and error policies, from where
+/// `checkpoint` says each input stands, until every input is read and every
+/// member resolved (or `shutdown`).
+///
+/// # Errors
+/// [`ReplayError`] for start-up failures and for fatal errors while
+/// running (then what was acknowledged is in the checkpoint, as always).
+pub fn replay(
+    config: Config,
+    hooks: Arc<dyn HookFactory>,
+    shutdown: Arc<Shutdown>,
+    inputs: Vec<crate::archive::Input>,
+    checkpoint: crate::archive::checkpoint::Checkpoint,
+) -> Result<(Summary, crate::archive::source::Report), ReplayError> {
+    // Checked before anything connects.
+    checkpoint.starts(&inputs)?;
+    let core = Core::start(&config, &hooks, &shutdown, false)?;
+    let source = crate::archive::source::ArchiveSource::start(
+        inputs,
+        checkpoint,
+        Arc::clone(&core.ledger),
+        Arc::clone(&core.metrics),
+        Arc::clone(&shutdown),
+        config.pipeline.stats_interval,
+    )?;
+    let mut limits = config.pipeline;
+    limits.commit_interval = limits.commit_interval.min(CHECKPOINT_INTERVAL);
+    let (summary, report) = core.run(
+        &config,
+        source,
+        None,
+        limits,
+        crate::archive::source::ArchiveSource::finish,
+    );
+    match shutdown.fatal() {
+        Some(error) => Err(BridgeError::Fatal(error.clone()).into()),
+        None => Ok((summary, report)),
+    }
+}
+
+/// What every run shares, whatever its source: the Pub/Sub runtime and
+/// sink, the workers with their hooks, the metrics and the ledger.
+struct Core {
+    runtime: tokio::runtime::Runtime,
+    metrics: Arc<Metrics>,
+    sink: Arc<PubsubSink>,
+    queues: Vec<crossbeam_channel::Sender<Envelope>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    ledger: crate::source::consumer::SharedLedger,
+    shutdown: Arc<Shutdown>,
+}
+
+impl Core {
+    /// Checks the Pub/Sub topics and builds the sink and the workers (every
+    /// hook built before any message is read). `serve` starts the metrics
+    /// endpoint if the config asks for one.
+    fn start(
+        config: &Config,
+        hooks: &Arc<dyn HookFactory>,
+        shutdown: &Arc<Shutdown>,
+        serve: bool,
+    ) -> Result<Core, BridgeError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ztfhook-pubsub")
+            .enable_all()
+            .build()
+            .map_err(BridgeError::Runtime)?;
+        let metrics = Arc::new(Metrics::new());
+        if let (true, Some(address)) = (serve, config.metrics_listen) {
+            let bound = crate::http::serve(address, Arc::clone(&metrics), Arc::clone(hooks))
+                .map_err(BridgeError::Metrics)?;
+            tracing::info!("metrics on http://{bound}/metrics, health on http://{bound}/healthz");
+        }
+        let (ack_tx, ack_rx) = unbounded::<Ack>();
+
+        // Start-up checks, in the order a user fixes them: Pub/Sub topics, hook, broker.
+        let endpoint = Endpoint::resolve(config.pubsub.endpoint.as_deref());
+        tracing::info!("publishing to {endpoint}");
+        if !config.pipeline.discard {
+            match runtime.block_on(check_topics(&endpoint, &config.pubsub_topics())) {
+                // A topic that is missing or forbidden is a configuration error;
+                // an endpoint that does not answer is an outage, and an instance
+                // started during one (a rolling update) joins the group and
+                // holds its messages, paused, until Pub/Sub answers again.
+                Err(e @ SinkError::Unreachable { .. }) => {
+                    tracing::warn!("{e}; starting anyway: messages wait until Pub/Sub answers")
+                }
+                other => other?,
+            }
+        }
+        let sink = Arc::new(runtime.block_on(PubsubSink::connect(
+            config,
+            endpoint,
+            ack_tx.clone(),
+            Arc::clone(shutdown),
+            Arc::clone(&metrics),
+        ))?);
+        let (queues, threads) = start_workers(
+            config,
+            hooks,
+            &sink,
+            &ack_tx,
+            &metrics,
+            shutdown,
+            BUILD_DEADLINE,
+        )?;
+        drop(ack_tx);
+        tracing::info!("hook {} on {} workers", hooks.name(), threads.len());
+        let ledger = Arc::new(Mutex::new(Ledger::new(ack_rx, Arc::clone(&metrics))));
+        Ok(Core {
+            runtime,
+            metrics,
+            sink,
+            queues,
+            threads,
+            ledger,
+            shutdown: Arc::clone(shutdown),
+        })
+    }
+
+    /// Runs the consumer loop on `source` until a stop, drains, commits,
+    /// then hands the source to `close` and stops the runtime.
+    fn run<S: crate::source::consumer::Source, R>(
+        self,
+        config: &Config,
+        source: S,
+        subscription: Option<(Subscription, Vec<String>)>,
+        limits: crate::config::Pipeline,
+        close: impl FnOnce(S) -> R,
+    ) -> (Summary, R) {
+        self.runtime
+            .spawn(crate::shutdown::listen_for_signals(Arc::clone(
+                &self.shutdown,
+            )));
+        let dead_letter_sink = Arc::clone(&self.sink);
+        let settings = Settings {
+            limits,
+            kafka_errors: config.pipeline.kafka_errors,
+            tombstones: config.pipeline.tombstones,
+            commits: !config.pipeline.discard,
+            stall_after: config.pipeline.stall_after,
+        };
+        let mut consumer_loop = ConsumerLoop::new(
+            source,
+            Arc::clone(&self.ledger),
+            self.queues,
+            settings,
+            Box::new(move |envelope, reason| {
+                dead_letter_sink.dead_letter(envelope, None, reason, false);
+            }),
+            Arc::clone(&self.metrics),
+            Arc::clone(&self.shutdown),
+            subscription,
+        );
+        let drained = consumer_loop.run();
+        if drained.abandoned == 0 {
+            for t in self.threads {
+                let _ = t.join();
+            }
+        }
+        let closed = close(consumer_loop.into_source());
+        self.runtime.shutdown_timeout(Duration::from_secs(1));
+        let metrics = &self.metrics;
+        let summary = Summary {
+            consumed: metrics.consumed.load(Ordering::Relaxed),
+            published: metrics.published.load(Ordering::Relaxed),
+            dropped: metrics.dropped.load(Ordering::Relaxed),
+            dead_lettered: metrics.dead_lettered.load(Ordering::Relaxed),
+            abandoned: drained.abandoned,
+        };
+        (summary, closed)
     }
 }
 
@@ -372,6 +483,10 @@ impl Worker {
     }
 
     fn handle(&mut self, envelope: Envelope) {
+        if let Some(problem) = envelope.archive.as_ref().and_then(|m| m.problem.clone()) {
+            // A replayed member that is not an alert: the error policy, not the hook.
+            return self.hook_failed(envelope, problem);
+        }
         let started = Instant::now();
         let view = MessageView::new(&envelope);
         let hook = &mut self.hook;
@@ -434,10 +549,7 @@ impl Worker {
     fn hook_failed(&mut self, envelope: Envelope, reason: String) {
         self.metrics.hook_errors.fetch_add(1, Ordering::Relaxed);
         self.errors += 1;
-        let at = format!(
-            "{}[{}]@{}",
-            envelope.topic, envelope.partition, envelope.offset
-        );
+        let at = envelope.place();
         if self.errors <= 10 || self.errors.is_power_of_two() {
             tracing::warn!(
                 "{at}: {reason} (hook.on_error = {:?}; {} hook errors in this worker)",

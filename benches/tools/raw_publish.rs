@@ -24,7 +24,7 @@ async fn main() {
     }
     let n: usize = args[2].parse().expect("N");
     let paths: Vec<std::path::PathBuf> = args[3..].iter().map(Into::into).collect();
-    let payloads: Vec<Bytes> = ztfhook::check::alert_files(&paths)
+    let payloads: Vec<Bytes> = ztfhook::archive::alert_files(&paths)
         .expect("alert files")
         .iter()
         .map(|f| Bytes::from(std::fs::read(f).expect("read")))

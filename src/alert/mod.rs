@@ -59,6 +59,12 @@ impl Survey {
 /// The first bytes of an Avro Object Container File.
 const CONTAINER_MAGIC: &[u8] = b"Obj\x01";
 
+/// Whether a payload has an alert's framing (an Avro container, or
+/// Confluent's wire format), without decoding it.
+pub fn is_framed(payload: &[u8]) -> bool {
+    payload.starts_with(CONTAINER_MAGIC) || (payload.len() > 5 && payload[0] == 0)
+}
+
 /// The schema id of a Confluent wire-format payload, from its header.
 pub fn wire_schema_id(payload: &[u8]) -> Option<u32> {
     match payload {

@@ -30,6 +30,8 @@ pub struct ScriptMessage {
     pub payload: Bytes,
     /// The Kafka value was null (a tombstone), not empty.
     pub tombstone: bool,
+    /// A replayed alert's archive file and member name.
+    pub archive: Option<(Arc<str>, String)>,
     decoder: Arc<Decoder>,
     form: std::sync::OnceLock<Result<Form, FieldError>>,
     alert: std::sync::OnceLock<Result<AlertRecord, FieldError>>,
@@ -150,6 +152,9 @@ impl ScriptMessage {
             },
             payload: view.payload().clone(),
             tombstone: view.tombstone(),
+            archive: view
+                .archive()
+                .map(|m| (Arc::clone(&m.file), m.name.clone())),
         }
     }
 

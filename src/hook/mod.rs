@@ -48,6 +48,10 @@ impl<'a> MessageView<'a> {
     pub fn partition(&self) -> i32 {
         self.envelope.partition
     }
+    /// Where a replayed alert came from; `None` for a Kafka message.
+    pub fn archive(&self) -> Option<&'a crate::envelope::ArchiveMember> {
+        self.envelope.archive.as_deref()
+    }
     pub fn offset(&self) -> i64 {
         self.envelope.offset
     }

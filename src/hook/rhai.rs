@@ -231,6 +231,16 @@ fn engine(path: &str, limits: Limits, mark: &Mark) -> Engine {
             m.key_text().map_or(Dynamic::UNIT, Dynamic::from)
         })
         .register_get("size", |m: &mut ScriptMessage| m.payload.len() as i64)
+        .register_get("file", |m: &mut ScriptMessage| {
+            m.archive
+                .as_ref()
+                .map_or(Dynamic::UNIT, |(f, _)| Dynamic::from(f.to_string()))
+        })
+        .register_get("member", |m: &mut ScriptMessage| {
+            m.archive
+                .as_ref()
+                .map_or(Dynamic::UNIT, |(_, n)| Dynamic::from(n.clone()))
+        })
         .register_get("tombstone", |m: &mut ScriptMessage| m.tombstone)
         .register_get("headers", |m: &mut ScriptMessage| {
             let mut map = Map::new();

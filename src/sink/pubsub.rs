@@ -555,7 +555,7 @@ impl PubsubSink {
         let m = &job.envelope;
         self.shutdown.fail(Fatal::PublishFailed {
             topic: topic.to_string(),
-            at: format!("{}[{}]@{}", m.topic, m.partition, m.offset),
+            at: m.place(),
             reason: e.to_string(),
         });
         Delivered::Failed
@@ -684,20 +684,15 @@ impl PubsubSink {
     ) {
         let Some(dlq) = self.dead_letter.clone() else {
             self.shutdown.fail(Fatal::NoDeadLetterTopic {
-                at: format!(
-                    "{}[{}]@{}",
-                    envelope.topic, envelope.partition, envelope.offset
-                ),
+                at: envelope.place(),
                 reason,
             });
             self.ack(&envelope, Outcome::Failed);
             return;
         };
         tracing::warn!(
-            "{}[{}]@{}: {reason}; sending it to the dead-letter topic `{dlq}`",
-            envelope.topic,
-            envelope.partition,
-            envelope.offset
+            "{}: {reason}; sending it to the dead-letter topic `{dlq}`",
+            envelope.place()
         );
         let everything = AttributeOptions {
             kafka_metadata: true,
@@ -741,10 +736,7 @@ impl PubsubSink {
                 Delivered::Accepted => Outcome::DeadLettered,
                 Delivered::Refused(why) => {
                     sink.shutdown.fail(Fatal::DeadLetterRefused {
-                        at: format!(
-                            "{}[{}]@{}",
-                            job.envelope.topic, job.envelope.partition, job.envelope.offset
-                        ),
+                        at: job.envelope.place(),
                         topic: dlq.to_string(),
                         reason: why,
                     });

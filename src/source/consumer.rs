@@ -86,6 +86,10 @@ pub(crate) trait Source: Partitions {
     fn assignment(&self) -> Result<Vec<PartitionKey>, String>;
     /// Replaces the subscription (nightly topics).
     fn subscribe(&self, patterns: &[String]) -> Result<(), String>;
+    /// What the loop's log lines call the source.
+    fn label(&self) -> &'static str {
+        "kafka"
+    }
 }
 
 /// What one poll gave.
@@ -503,7 +507,7 @@ impl<S: Source> ConsumerLoop<S> {
         if full {
             let since = *self.full_since.get_or_insert_with(Instant::now);
             if !self.ledger().paused && since.elapsed() >= PAUSE_AFTER {
-                self.set_paused(true);
+                self.set_paused(true, "the in-flight bound is reached");
             }
             if !self.ledger().paused {
                 self.ledger().drain_wait(Duration::from_millis(5));
@@ -513,7 +517,7 @@ impl<S: Source> ConsumerLoop<S> {
         } else {
             self.full_since = None;
             if self.ledger().paused {
-                self.set_paused(false);
+                self.set_paused(false, "acknowledgements made room");
             }
         }
         let wait = if self.ledger().paused {
@@ -643,7 +647,7 @@ impl<S: Source> ConsumerLoop<S> {
     }
 
     /// Pauses or resumes the whole assignment, and records it.
-    fn set_paused(&mut self, pause: bool) {
+    fn set_paused(&mut self, pause: bool, why: &str) {
         // Recorded only once librdkafka has done it (an empty assignment
         // included: what is assigned next follows the state), so a failure
         // is tried again at the next step and a loop that could not pause
@@ -669,14 +673,10 @@ impl<S: Source> ConsumerLoop<S> {
                 return;
             }
             tracing::info!(
-                "kafka: {} {} partitions ({})",
+                "{}: {} {} partitions ({why})",
+                self.source.label(),
                 if pause { "paused" } else { "resumed" },
                 all.len(),
-                if pause {
-                    "the in-flight bound is reached"
-                } else {
-                    "acknowledgements made room"
-                }
             );
         }
         self.ledger().paused = pause;
@@ -784,7 +784,7 @@ impl<S: Source> ConsumerLoop<S> {
         // The final commit's share of the deadline.
         let reserve = (timeout / 4).min(Duration::from_secs(2));
         tracing::info!("stopping: no more fetches; draining in-flight messages");
-        self.set_paused(true);
+        self.set_paused(true, "stopping");
         self.work.clear();
         let abandoned = loop {
             let unresolved = {

@@ -648,6 +648,7 @@ pub fn envelope(message: &BorrowedMessage<'_>, topics: &mut HashMap<String, Arc<
             .map(Bytes::copy_from_slice)
             .unwrap_or_default(),
         epoch: 0,
+        archive: None,
     }
 }
 

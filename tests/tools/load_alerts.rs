@@ -58,7 +58,7 @@ async fn main() {
     let (Some(bootstrap), Some(topic)) = (bootstrap, topic) else {
         usage()
     };
-    let files = ztfhook::check::alert_files(&paths).unwrap_or_else(|e| panic!("{e}"));
+    let files = ztfhook::archive::alert_files(&paths).unwrap_or_else(|e| panic!("{e}"));
     let payloads: Vec<Vec<u8>> = files
         .iter()
         .map(|f| std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display())))

@@ -199,6 +199,8 @@ fn message_metatable(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
                 | b"payload"
                 | b"byte"
                 | b"tombstone"
+                | b"file"
+                | b"member"
         ) {
             return Ok(Value::Nil);
         }
@@ -225,6 +227,8 @@ fn message_metatable(lua: &Lua, current: &Rc<Current>) -> mlua::Result<Table> {
                 b"payload" => Value::Function(payload.clone()),
                 b"byte" => Value::Function(byte.clone()),
                 b"tombstone" => Value::Boolean(m.tombstone),
+                b"file" => m.archive.as_ref().map(|(f, _)| &**f).into_lua(lua)?,
+                b"member" => m.archive.as_ref().map(|(_, n)| n.as_str()).into_lua(lua)?,
                 _ => Value::Nil,
             })
         })
