@@ -9,8 +9,10 @@
 #   (confluent-kafka + google-cloud-pubsub), on the same loads:
 #   the 23 ZTF samples replicated to 20,010 alerts, and the four 110-127 KB
 #   Rubin samples replicated to 10,000; then a latency run at a steady
-#   1,000 alerts/s, and ztfhook on tansu (sqlite) as the correct-but-slow
-#   reference.
+#   1,000 alerts/s, ztfhook on tansu (sqlite) as the correct-but-slow
+#   reference, and `ztfhook replay` of a ~1 GB nightly tarball (the ZTF
+#   samples repeated), gzip and plain tar: the difference is the cost of
+#   inflating it.
 # The broker for throughput is librdkafka's mock cluster in its own process
 # (benches/tools/mock_broker.rs); its CPU is recorded beside each figure.
 # Results: benches/results/throughput.md and .csv.
@@ -25,6 +27,7 @@ PARTITIONS=400           # >= messages x size / 5 MB (the mock keeps 5 MB a part
 LAT_RATE=1000
 LAT_SECONDS=10
 TANSU_N=2000
+REPLAY_COPIES=${REPLAY_COPIES:-700} # copies of the 23 ZTF samples in the tarball: ~1 GB
 # Another build of ztfhook to measure: an A/B of two commits on one machine
 # (ZTFHOOK_BIN=/path/to/old/ztfhook SECTIONS=ztf benches/throughput.sh).
 ZTFHOOK_BIN=${ZTFHOOK_BIN:-target/release/ztfhook}
@@ -60,7 +63,7 @@ MOCK_PID=$!
 for _ in $(seq 100); do grep -q bootstrap= "$WORK/mock.out" 2>/dev/null && break; sleep 0.1; done
 MOCK=$(sed -n 's/^bootstrap=//p' "$WORK/mock.out")
 echo "bench: mock broker at $MOCK" >&2
-want() { [[ " ${SECTIONS:-ztf rubin latency tansu} " == *" $1 "* ]]; }
+want() { [[ " ${SECTIONS:-ztf rubin latency tansu replay} " == *" $1 "* ]]; }
 if want ztf; then
   $X/load_alerts --bootstrap "$MOCK" --topic ztf_20260101_programid1 --partitions $PARTITIONS --copies "$N_ZTF" tests/data/alerts/ztf >&2
 fi
@@ -241,7 +244,7 @@ run_minimal() { # RUN TOPIC N MB: the minimal correct bridge on the same librari
 }
 
 REPS=${REPS:-3}
-SECTIONS=${SECTIONS:-ztf rubin latency tansu}
+SECTIONS=${SECTIONS:-ztf rubin latency tansu replay}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 # rep CMD...: runs a measurement REPS times and keeps the median row (by
 # alerts/s): the emulator's speed varies from run to run.
@@ -306,9 +309,35 @@ $X/load_alerts --bootstrap "$ZTFHOOK_TEST_BOOTSTRAP" --topic tansu-bench --parti
 run_ztfhook "ztfhook pass-through (tansu)" "$ZTFHOOK_TEST_BOOTSTRAP" tansu-bench "$TANSU_N" "$TANSU_MB" tansu
 
 fi
+run_replay() { # RUN TARBALL N MB: ztfhook replay, timed as a whole process
+  local run=$1 tarball=$2 n=$3 mb=$4 id ps cfg
+  id=$(echo "$run" | tr -c 'a-z0-9\n' '-' | tr -s '-')
+  ps=bench-$id
+  pubsub_topic "$ps"
+  cfg=$WORK/$id.toml
+  printf '[kafka]\nbootstrap.servers = "127.0.0.1:9"\ngroup.id = "unused"\ntopics = ["unused"]\n\n[pubsub]\nproject = "%s"\ntopic = "%s"\n\n[pipeline]\nstats_interval_ms = 0\n' \
+    "$PROJECT" "$ps" >"$cfg"
+  mark
+  t=$(timed "$WORK/$id" "$ZTFHOOK_BIN" --config "$cfg" replay --from-start --checkpoint "$WORK/$id.checkpoint" "$tarball")
+  read -r wall user sys rss <<<"$t"
+  grep -q "1 of 1 inputs complete; $n members read" "$WORK/$id.err" ||
+    { echo "bench: $run did not replay $n members" >&2; tail "$WORK/$id.err" >&2; exit 1; }
+  record "$run" - "$n" "$mb" "$wall" "$(calc "$user + $sys")" "$rss" 0
+}
+if want replay; then
+REPLAY_N=$((23 * REPLAY_COPIES))
+echo "bench: a nightly tarball of $REPLAY_N alerts" >&2
+python3 benches/tools/make_tarball.py "$WORK/ztf_public_20250302.tar.gz" "$REPLAY_COPIES" tests/data/alerts/ztf/*.avro
+gzip -dc "$WORK/ztf_public_20250302.tar.gz" >"$WORK/ztf_public_20250302.tar"
+REPLAY_MB=$(stat -c %s "$WORK/ztf_public_20250302.tar.gz" | awk '{printf "%.1f", $1 / 1e6}')
+rep run_replay "ztfhook replay (ztf .tar.gz, $REPLAY_MB MB)" "$WORK/ztf_public_20250302.tar.gz" "$REPLAY_N" "$REPLAY_MB"
+rep run_replay "ztfhook replay (ztf plain .tar)" "$WORK/ztf_public_20250302.tar" "$REPLAY_N" "$REPLAY_MB"
+rm -f "$WORK"/ztf_public_20250302.tar*
+
+fi
 mkdir -p benches/results
 # A partial run (SECTIONS=...) replaces its own rows in the last results.
-if [[ $SECTIONS != "ztf rubin latency tansu" && -f benches/results/throughput.csv ]]; then
+if [[ $SECTIONS != "ztf rubin latency tansu replay" && -f benches/results/throughput.csv ]]; then
   awk -F, 'NR == FNR { if (FNR > 1) { row[$1] = $0; order[++n] = $1 } next }
     FNR == 1 { print; next }
     { if ($1 in row) { print row[$1]; done[$1] = 1 } else print }

@@ -429,3 +429,35 @@ fn the_routing_example_samples_the_same_messages_in_both_engines() {
         .attributes
         .contains(&("survey".to_string(), "ztf".to_string())));
 }
+
+#[test]
+fn a_rhai_top_level_runs_once_per_hook_not_once_per_message_and_its_constants_stay_readable() {
+    // The top level and one call each cost about 60% of the 100,000
+    // operations a call may use: together, they would be over it.
+    let source = r#"
+        const THRESHOLD = 18.5;
+        let warm = 0;
+        for i in 0..20000 { warm += 1; }
+        fn route(msg) {
+            let n = 0;
+            for i in 0..20000 { n += 1; }
+            #{ attributes: #{ threshold: global::THRESHOLD } }
+        }
+    "#;
+    let mut hook = source_hook(Language::Rhai, source).unwrap_or_else(|e| panic!("{e}"));
+    for offset in 0..3 {
+        let d = hook
+            .decide(&MessageView::new(&envelope("t", offset, b"x".to_vec())))
+            .unwrap_or_else(|e| panic!("call {offset}: {e}"));
+        assert_eq!(
+            d.attributes,
+            vec![("threshold".to_string(), "18.5".to_string())]
+        );
+    }
+    // Each alone is within the limit; the limit still stops a top level over it.
+    let over = source.replace("0..20000 { warm", "0..60000 { warm");
+    let e = source_hook(Language::Rhai, &over)
+        .err()
+        .expect("over the limit at load");
+    assert!(e.contains("at load") && e.contains("operations"), "{e}");
+}

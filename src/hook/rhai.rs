@@ -358,20 +358,54 @@ impl Compiled for RhaiScript {
     fn instantiate(&self) -> Result<Box<dyn Hook>, HookError> {
         let name = self.path.display().to_string();
         let mark = Mark::default();
-        Ok(Box::new(RhaiHook {
-            engine: engine(&name, self.env.limits, &mark),
+        let engine = engine(&name, self.env.limits, &mark);
+        // The top level runs once per hook, here, under the call limits.
+        // Calls run only the functions, and, so that `global::NAME` still
+        // finds them, one `const NAME = NAME;` per constant the top level
+        // left (a clone of its value, not a new evaluation).
+        let mut scope = Scope::new();
+        mark.store(crate::memory::held(), std::sync::atomic::Ordering::Relaxed);
+        let loaded = RhaiHook {
+            engine,
+            scope: Scope::new(),
             ast: Arc::clone(&self.ast),
             decoder: Arc::clone(&self.env.decoder),
             limits: self.env.limits,
             mark,
             name,
-        }))
+        };
+        loaded
+            .engine
+            .run_ast_with_scope(&mut scope, &loaded.ast)
+            .map_err(|e| {
+                let e = loaded.call_error(&e);
+                HookError::new(e.hook, e.kind, format!("at load: {}", e.message))
+            })?;
+        let mut constants = String::new();
+        for (name, constant, _) in scope.iter_raw() {
+            if constant {
+                constants.push_str(&format!("const {name} = {name};\n"));
+            }
+        }
+        let calls = loaded
+            .engine
+            .compile(&constants)
+            .map_err(|e| HookError::new(&loaded.name, HookErrorKind::Compile, e.to_string()))?
+            .merge(&loaded.ast.clone_functions_only());
+        let hook = RhaiHook {
+            scope,
+            ast: Arc::new(calls),
+            ..loaded
+        };
+        Ok(Box::new(hook))
     }
 }
 
 /// One worker's Rhai hook.
 struct RhaiHook {
     engine: Engine,
+    /// What the top level left: its constants, for `global::` in functions.
+    scope: Scope<'static>,
     ast: Arc<AST>,
     decoder: Arc<Decoder>,
     limits: Limits,
@@ -526,9 +560,10 @@ impl Hook for RhaiHook {
         let msg = ScriptMessage::new(message, &self.decoder);
         self.mark
             .store(crate::memory::held(), std::sync::atomic::Ordering::Relaxed);
+        let options = rhai::CallFnOptions::new().rewind_scope(true);
         let value = self
             .engine
-            .call_fn::<Dynamic>(&mut Scope::new(), &self.ast, "route", (msg,))
+            .call_fn_with_options::<Dynamic>(options, &mut self.scope, &self.ast, "route", (msg,))
             .map_err(|e| self.call_error(&e))?;
         Ok(self.convert(value)?.into_decision())
     }
