@@ -27,7 +27,7 @@ PARTITIONS=400           # >= messages x size / 5 MB (the mock keeps 5 MB a part
 LAT_RATE=1000
 LAT_SECONDS=10
 TANSU_N=2000
-REPLAY_COPIES=${REPLAY_COPIES:-700} # copies of the 23 ZTF samples in the tarball: ~1 GB
+REPLAY_COPIES=${REPLAY_COPIES:-1000} # copies of the 23 ZTF samples in the tarball: ~1 GB
 # Another build of ztfhook to measure: an A/B of two commits on one machine
 # (ZTFHOOK_BIN=/path/to/old/ztfhook SECTIONS=ztf benches/throughput.sh).
 ZTFHOOK_BIN=${ZTFHOOK_BIN:-target/release/ztfhook}
@@ -330,7 +330,7 @@ echo "bench: a nightly tarball of $REPLAY_N alerts" >&2
 python3 benches/tools/make_tarball.py "$WORK/ztf_public_20250302.tar.gz" "$REPLAY_COPIES" tests/data/alerts/ztf/*.avro
 gzip -dc "$WORK/ztf_public_20250302.tar.gz" >"$WORK/ztf_public_20250302.tar"
 REPLAY_MB=$(stat -c %s "$WORK/ztf_public_20250302.tar.gz" | awk '{printf "%.1f", $1 / 1e6}')
-rep run_replay "ztfhook replay (ztf .tar.gz, $REPLAY_MB MB)" "$WORK/ztf_public_20250302.tar.gz" "$REPLAY_N" "$REPLAY_MB"
+rep run_replay "ztfhook replay (ztf .tar.gz $REPLAY_MB MB)" "$WORK/ztf_public_20250302.tar.gz" "$REPLAY_N" "$REPLAY_MB"
 rep run_replay "ztfhook replay (ztf plain .tar)" "$WORK/ztf_public_20250302.tar" "$REPLAY_N" "$REPLAY_MB"
 rm -f "$WORK"/ztf_public_20250302.tar*
 

@@ -34,7 +34,9 @@ use crate::hook::{Decision, Hook, HookError, HookFactory, MessageView};
 use crate::metrics::Metrics;
 use crate::offsets::{Ack, Outcome};
 use crate::shutdown::{Fatal, Shutdown};
-use crate::sink::pubsub::{check_topics, Delivery, Endpoint, PubsubSink, SinkError};
+use crate::sink::pubsub::{
+    check_topics, Delivery, Endpoint, PubsubSink, SinkError, MAX_PUBLISHERS,
+};
 use crate::source::consumer::{ConsumerLoop, Ledger, Settings};
 use crate::source::kafka::{self, KafkaSource, SourceContext, SourceError};
 use crate::source::subscription::{Clock, Subscription, SystemClock};
@@ -437,8 +439,12 @@ struct Worker {
     project: String,
     default_topic: TopicName,
     default_publisher: Vec<Publisher>,
-    /// Topics named by the hook, resolved and with their publisher.
-    topics: HashMap<String, (TopicName, Publisher)>,
+    /// Topics named by the hook, resolved, with their publisher and when
+    /// they were last named (at most [`MAX_PUBLISHERS`]; the least recently
+    /// named goes first).
+    topics: HashMap<String, (TopicName, Publisher, u64)>,
+    /// Counts resolutions, for `topics`' recency.
+    named: u64,
     /// Acknowledge instead of publishing (`pipeline.sink = "discard"`).
     discard: bool,
     /// The ordering key of messages the hook gives none.
@@ -471,6 +477,7 @@ impl Worker {
             default_topic,
             default_publisher,
             topics: HashMap::new(),
+            named: 0,
             discard: config.pipeline.discard,
             ordering: config.pubsub.ordering_key,
         }
@@ -676,13 +683,26 @@ impl Worker {
                 }
                 continue;
             }
+            self.named += 1;
             if !self.topics.contains_key(name) {
                 let topic = TopicName::parse(&self.project, name)
                     .map_err(|e| format!("hook topic: {e}"))?;
                 let publisher = self.sink.publisher(&topic);
-                self.topics.insert(name.clone(), (topic, publisher));
+                if self.topics.len() >= MAX_PUBLISHERS {
+                    let oldest = self
+                        .topics
+                        .iter()
+                        .min_by_key(|(_, (_, _, used))| *used)
+                        .map(|(k, _)| k.clone());
+                    if let Some(k) = oldest {
+                        self.topics.remove(&k);
+                    }
+                }
+                self.topics.insert(name.clone(), (topic, publisher, 0));
             }
-            let (t, p) = &self.topics[name];
+            let entry = self.topics.get_mut(name).expect("inserted above");
+            entry.2 = self.named;
+            let (t, p, _) = &self.topics[name];
             if !topics.contains(t) {
                 topics.push(t.clone());
                 publishers.push(p.clone());
@@ -798,6 +818,41 @@ mod tests {
             started.elapsed() < Duration::from_secs(2),
             "{:?}",
             started.elapsed()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_hook_naming_a_new_topic_per_message_keeps_a_bounded_number_of_publishers() {
+        let config = Config::parse(
+            std::path::Path::new("test.toml"),
+            crate::config::tests::MINIMAL,
+        )
+        .unwrap();
+        let (acks, _acked) = unbounded();
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = Arc::new(Shutdown::new());
+        let sink = idle_sink(&config, &acks, &shutdown, &metrics).await;
+        let mut worker = Worker::new(
+            &config,
+            Box::new(crate::hook::Passthrough),
+            Arc::new(crate::hook::Passthrough),
+            Arc::clone(&sink),
+            acks,
+            metrics,
+            shutdown,
+        );
+        let hot = "ztf-hot".to_string();
+        for i in 0..3 * MAX_PUBLISHERS {
+            let (topics, publishers) = worker
+                .resolve(&[format!("ztf-topic-{i}"), hot.clone()])
+                .unwrap();
+            assert_eq!((topics.len(), publishers.len()), (2, 2));
+            assert!(worker.topics.len() <= MAX_PUBLISHERS);
+            assert!(sink.publishers_kept() <= MAX_PUBLISHERS);
+        }
+        assert!(
+            worker.topics.contains_key(&hot),
+            "the topic named every time is never the least recently named"
         );
     }
 

@@ -215,6 +215,16 @@ pub fn expand(paths: &[PathBuf], topic: Option<&str>) -> Result<Inputs, ArchiveE
             });
         }
     }
+    // The checkpoint knows an input by its path: one named twice (or found in
+    // a directory and named too) is read once.
+    let mut seen = std::collections::HashSet::new();
+    out.inputs.retain(|i| {
+        let first = seen.insert(i.key.clone());
+        if !first {
+            tracing::warn!("{}: given more than once: read once", i.path.display());
+        }
+        first
+    });
     Ok(out)
 }
 
@@ -551,5 +561,34 @@ mod tests {
         );
         assert_eq!(topic_of_tarball("ztf_public_2025.tar"), "ztf_public_2025");
         assert_eq!(topic_of_tarball("lsst-alerts.tar.gz"), "lsst-alerts");
+    }
+
+    #[test]
+    fn a_directory_is_its_alert_files_plus_each_tarball_and_other_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let night = dir.path().join("night");
+        std::fs::create_dir_all(night.join("sub")).unwrap();
+        std::fs::write(night.join("b.avro"), b"Obj\x01").unwrap();
+        std::fs::write(night.join("sub/a.avro"), b"Obj\x01").unwrap();
+        std::fs::write(night.join("notes.txt"), b"notes").unwrap();
+        std::fs::write(night.join("ztf_public_20250302.tar.gz"), b"").unwrap();
+        let tarball = night.join("ztf_public_20250302.tar.gz");
+        let found = expand(&[night.clone(), tarball], None).unwrap();
+        assert_eq!(
+            found.inputs.len(),
+            2,
+            "the tarball named twice is one input"
+        );
+        assert_eq!(&*found.inputs[0].topic, "ztf_20250302_programid1");
+        assert_eq!(found.inputs[0].kind, Kind::Tarball);
+        assert_eq!(&*found.inputs[1].topic, "night");
+        let Kind::Files(files) = &found.inputs[1].kind else {
+            panic!("files")
+        };
+        let names: Vec<&str> = files.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["b.avro", "sub/a.avro"]);
+        assert_eq!(found.skipped.len(), 1);
+        assert!(found.skipped[0].0.ends_with("notes.txt"));
+        assert!(expand(&[dir.path().join("missing")], None).is_err());
     }
 }

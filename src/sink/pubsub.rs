@@ -120,6 +120,30 @@ pub struct Delivery {
     pub ordering_key: Option<String>,
 }
 
+/// The most publishers kept per map (the sink's, each worker's): a hook
+/// that names a new topic per message must not grow them without end. Past
+/// it one is closed (its pending messages are flushed first: the crate
+/// flushes a dropped publisher, and each publish holds its own future) and
+/// made again when its topic is named again. A lane keeps its own clone, so
+/// a key's messages stay on one publisher.
+pub const MAX_PUBLISHERS: usize = 512;
+
+/// Makes room for one more entry in a map bounded by [`MAX_PUBLISHERS`].
+fn make_room<K: Clone + Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, what: &str) {
+    if map.len() < MAX_PUBLISHERS {
+        return;
+    }
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(
+            "more than {MAX_PUBLISHERS} destination topics in use: {what} publishers are closed and made again as needed"
+        )
+    });
+    if let Some(k) = map.keys().next().cloned() {
+        map.remove(&k);
+    }
+}
+
 /// Publishers per topic, and the task that sees each publish through.
 pub struct PubsubSink {
     runtime: tokio::runtime::Handle,
@@ -281,6 +305,9 @@ impl PubsubSink {
             return p.clone();
         }
         let mut map = self.publishers.write().unwrap_or_else(|e| e.into_inner());
+        if !map.contains_key(topic) {
+            make_room(&mut map, "the sink's");
+        }
         map.entry(topic.clone())
             .or_insert_with(|| {
                 let _enter = self.runtime.enter();
@@ -294,10 +321,22 @@ impl PubsubSink {
             .clone()
     }
 
+    /// How many batching publishers the sink keeps now.
+    #[cfg(test)]
+    pub(crate) fn publishers_kept(&self) -> usize {
+        self.publishers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     /// The topic's publisher for messages retried alone (no batching): to
     /// find which message of a refused request Pub/Sub objects to.
     fn solo(&self, topic: &TopicName) -> Publisher {
         let mut map = self.solos.lock().unwrap_or_else(|e| e.into_inner());
+        if !map.contains_key(topic) {
+            make_room(&mut map, "unbatched");
+        }
         map.entry(topic.clone())
             .or_insert_with(|| {
                 let _enter = self.runtime.enter();
