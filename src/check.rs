@@ -46,7 +46,8 @@ pub fn run(
         let inputs = inputs.clone();
         std::thread::spawn(move || {
             let starts = vec![Some(0); inputs.len()];
-            crate::archive::read_all(&inputs, &starts, &Arc::new(AtomicU64::new(0)), &tx);
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            crate::archive::read_all(&inputs, &starts, &Arc::new(AtomicU64::new(0)), &tx, &stop);
         })
     };
     let mut all_ok = true;

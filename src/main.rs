@@ -215,6 +215,8 @@ fn replay(
         }
     };
     let skipped = found.skipped.len();
+    // A dry run (`sink = "discard"`) writes no checkpoint: nothing is left unfinished by it.
+    let dry_run = config.pipeline.discard;
     let outcome = ztfhook::pipeline::replay(
         config,
         hooks,
@@ -246,12 +248,14 @@ fn replay(
     for e in &report.empty {
         tracing::warn!("replay: {e}: empty");
     }
-    for u in &report.unfinished {
-        tracing::warn!(
-            "replay: stopped before the end of {u}; run the same command again to go on"
-        );
+    if !dry_run {
+        for u in &report.unfinished {
+            tracing::warn!(
+                "replay: stopped before the end of {u}; run the same command again to go on"
+            );
+        }
     }
-    let mut ok = report.unfinished.is_empty() && summary.abandoned == 0;
+    let mut ok = (dry_run || report.unfinished.is_empty()) && summary.abandoned == 0;
     for e in &report.errors {
         tracing::error!("replay: {e}");
         ok = false;

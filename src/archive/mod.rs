@@ -22,7 +22,7 @@ pub(crate) mod source;
 
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -347,21 +347,23 @@ impl<R: Read> Read for Counting<R> {
 type Sent = bool;
 
 /// Reads every input from its `start[i]`th member (`None`: the input is
-/// done already, not read) and sends what it finds, until the inputs end or
-/// `tx`'s receiver is dropped. `read` counts the bytes read from disk.
+/// done already, not read) and sends what it finds, until the inputs end,
+/// `tx`'s receiver is dropped, or `stop` is set (checked at every member,
+/// also those read past on a resume). `read` counts the bytes read from disk.
 pub fn read_all(
     inputs: &[Input],
     start: &[Option<u64>],
     read: &Arc<AtomicU64>,
     tx: &Sender<Found>,
+    stop: &AtomicBool,
 ) {
     for (i, input) in inputs.iter().enumerate() {
         let Some(from) = start.get(i).copied().flatten() else {
             continue;
         };
         let done = match &input.kind {
-            Kind::Tarball => read_tarball(i, input, from, read, tx),
-            Kind::Files(files) => read_files(i, files, from, read, tx),
+            Kind::Tarball => read_tarball(i, input, from, read, tx, stop),
+            Kind::Files(files) => read_files(i, files, from, read, tx, stop),
         };
         let Some((members, error)) = done else {
             return;
@@ -402,8 +404,12 @@ fn read_files(
     from: u64,
     read: &Arc<AtomicU64>,
     tx: &Sender<Found>,
+    stop: &AtomicBool,
 ) -> Option<(u64, Option<String>)> {
     for (index, (path, name)) in files.iter().enumerate().skip(from as usize) {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
         let (payload, problem) = match std::fs::metadata(path) {
             Ok(m) if m.len() > MAX_MESSAGE_BYTES as u64 => {
                 (Bytes::new(), Some(too_large(name, m.len())))
@@ -441,6 +447,7 @@ fn read_tarball(
     from: u64,
     read: &Arc<AtomicU64>,
     tx: &Sender<Found>,
+    stop: &AtomicBool,
 ) -> Option<(u64, Option<String>)> {
     let file = match std::fs::File::open(&archive.path) {
         Ok(f) => f,
@@ -481,6 +488,9 @@ fn read_tarball(
         Err(e) => return Some((0, at(0, &e))),
     };
     for entry in entries {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
         let mut entry = match entry {
             Ok(e) => e,
             Err(e) => return Some((index, at(index, &e))),

@@ -15,7 +15,7 @@
 //!   unresolved, so its drain commits everything.
 
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +68,8 @@ pub(crate) struct ArchiveSource {
     reads: Receiver<Found>,
     reader: Option<std::thread::JoinHandle<()>>,
     read_bytes: Arc<AtomicU64>,
+    /// Tells the reader to stop (at its next member).
+    stop: Arc<AtomicBool>,
     ledger: SharedLedger,
     metrics: Arc<Metrics>,
     shutdown: Arc<Shutdown>,
@@ -135,12 +137,14 @@ impl ArchiveSource {
         }
         let read_bytes = Arc::new(AtomicU64::new(0));
         let (tx, reads) = crossbeam_channel::bounded(READ_AHEAD);
+        let stop = Arc::new(AtomicBool::new(false));
         let reader = {
             let inputs = Arc::clone(&inputs);
             let read_bytes = Arc::clone(&read_bytes);
+            let stop = Arc::clone(&stop);
             std::thread::Builder::new()
                 .name("ztfhook-archive".into())
-                .spawn(move || read_all(&inputs, &starts, &read_bytes, &tx))
+                .spawn(move || read_all(&inputs, &starts, &read_bytes, &tx, &stop))
                 .expect("spawning the archive reader")
         };
         Ok(ArchiveSource {
@@ -149,6 +153,7 @@ impl ArchiveSource {
             reads,
             reader: Some(reader),
             read_bytes,
+            stop,
             ledger,
             metrics,
             shutdown,
@@ -175,7 +180,8 @@ impl ArchiveSource {
                 ));
             }
         }
-        // Dropping the receiver stops the reader at its next member.
+        // The flag and the dropped receiver stop the reader at its next member.
+        self.stop.store(true, Ordering::Relaxed);
         let (_, dead) = crossbeam_channel::bounded(0);
         drop(std::mem::replace(&mut self.reads, dead));
         if let Some(reader) = self.reader.take() {
