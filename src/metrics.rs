@@ -157,6 +157,12 @@ impl Default for Metrics {
     }
 }
 
+/// Destination topics counted one by one in `/metrics`; the rest are
+/// counted together as [`OTHER_TOPICS`].
+pub const MAX_TOPIC_SERIES: usize = 512;
+/// The series of the topics past [`MAX_TOPIC_SERIES`].
+pub const OTHER_TOPICS: &str = "(other topics)";
+
 /// How long publishing may fail without a success before `/healthz` says so.
 pub const UNHEALTHY_AFTER: Duration = Duration::from_secs(30);
 
@@ -170,7 +176,20 @@ impl Metrics {
         self.publish_latency.observe(latency);
         self.failing_since_ms.store(0, Relaxed);
         let mut map = self.per_topic.lock().unwrap_or_else(|e| e.into_inner());
-        let c = map.entry(topic.to_string()).or_default();
+        // No allocation once a topic has its series; past MAX_TOPIC_SERIES
+        // topics, the rest share one (a hook naming a topic per message must
+        // not grow /metrics without end).
+        let c = match map.get_mut(topic) {
+            Some(c) => c,
+            None => {
+                let name = if map.len() < MAX_TOPIC_SERIES {
+                    topic
+                } else {
+                    OTHER_TOPICS
+                };
+                map.entry(name.to_string()).or_default()
+            }
+        };
         c.messages += 1;
         c.bytes += bytes as u64;
     }
@@ -432,5 +451,23 @@ impl StatsLine {
         );
         self.last = now;
         self.at = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_topic_series_are_bounded_and_the_rest_are_counted_together() {
+        let m = Metrics::new();
+        for i in 0..MAX_TOPIC_SERIES + 100 {
+            m.published_to(&format!("topic-{i}"), 10, Duration::ZERO);
+        }
+        m.published_to("topic-0", 10, Duration::ZERO);
+        let map = m.per_topic.lock().unwrap();
+        assert_eq!(map.len(), MAX_TOPIC_SERIES + 1);
+        assert_eq!(map[OTHER_TOPICS].messages, 100);
+        assert_eq!(map["topic-0"].messages, 2);
     }
 }
