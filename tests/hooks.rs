@@ -431,33 +431,53 @@ fn the_routing_example_samples_the_same_messages_in_both_engines() {
 }
 
 #[test]
-fn a_rhai_top_level_runs_once_per_hook_not_once_per_message_and_its_constants_stay_readable() {
+fn a_rhai_top_level_runs_once_per_hook_not_once_per_message_unless_it_defines_constants() {
     // The top level and one call each cost about 60% of the 100,000
     // operations a call may use: together, they would be over it.
     let source = r#"
-        const THRESHOLD = 18.5;
         let warm = 0;
         for i in 0..20000 { warm += 1; }
         fn route(msg) {
             let n = 0;
             for i in 0..20000 { n += 1; }
-            #{ attributes: #{ threshold: global::THRESHOLD } }
+            #{ attributes: #{ n: n } }
         }
     "#;
     let mut hook = source_hook(Language::Rhai, source).unwrap_or_else(|e| panic!("{e}"));
     for offset in 0..3 {
-        let d = hook
-            .decide(&MessageView::new(&envelope("t", offset, b"x".to_vec())))
+        hook.decide(&MessageView::new(&envelope("t", offset, b"x".to_vec())))
             .unwrap_or_else(|e| panic!("call {offset}: {e}"));
-        assert_eq!(
-            d.attributes,
-            vec![("threshold".to_string(), "18.5".to_string())]
-        );
     }
-    // Each alone is within the limit; the limit still stops a top level over it.
+    // The limit still stops a top level over it, at load.
     let over = source.replace("0..20000 { warm", "0..60000 { warm");
     let e = source_hook(Language::Rhai, &over)
         .err()
         .expect("over the limit at load");
     assert!(e.contains("at load") && e.contains("operations"), "{e}");
+    // Constants (read as global::, shadowed by a `let`, or holding a
+    // closure's state) behave as before: fresh in every call.
+    let constants = r#"
+        const LIMIT = 5;
+        let LIMIT = 7;
+        let n = 0;
+        const COUNT = || { n += 1; n };
+        fn route(msg) {
+            #{ attributes: #{ limit: global::LIMIT, count: global::COUNT.call() } }
+        }
+    "#;
+    let mut hook = source_hook(Language::Rhai, constants).unwrap_or_else(|e| panic!("{e}"));
+    for offset in 0..3 {
+        let d = hook
+            .decide(&MessageView::new(&envelope("t", offset, b"x".to_vec())))
+            .unwrap_or_else(|e| panic!("call {offset}: {e}"));
+        let mut attrs = d.attributes.clone();
+        attrs.sort();
+        assert_eq!(
+            attrs,
+            vec![
+                ("count".to_string(), "1".to_string()),
+                ("limit".to_string(), "5".to_string())
+            ]
+        );
+    }
 }

@@ -273,10 +273,12 @@ async fn bad_archives_are_each_named_and_counted_and_what_is_readable_is_still_s
         &replay_args(
             checkpoint.to_str().unwrap(),
             script.to_str().unwrap(),
+            // The directory first: it is complete before the others are
+            // read, and must stay so through the final commit.
             &[
+                loose.to_str().unwrap(),
                 truncated.to_str().unwrap(),
                 empty.to_str().unwrap(),
-                loose.to_str().unwrap(),
             ],
         ),
     );
@@ -319,6 +321,18 @@ async fn bad_archives_are_each_named_and_counted_and_what_is_readable_is_still_s
         .iter()
         .map(|(n, b)| (n.as_str(), digest(b)))
         .collect();
+    // The checkpoint: the directory is complete (and stays so through the
+    // final commit), the cut tarball is not.
+    let cp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&checkpoint).unwrap()).unwrap();
+    for (path, progress) in cp["inputs"].as_object().unwrap() {
+        let complete = progress["complete"].as_bool().unwrap();
+        if path.ends_with("/loose") || path.ends_with("20250305.tar.gz") {
+            assert!(complete, "{path}: {cp}");
+        } else {
+            assert!(!complete, "{path}: {cp}");
+        }
+    }
     for m in from_truncated {
         assert_eq!(
             m.digest,

@@ -419,10 +419,15 @@ fn read_files(
                     read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     checked(name, bytes)
                 }
-                Err(e) => (
-                    Bytes::new(),
-                    Some(format!("member `{name}` cannot be read: {e}")),
-                ),
+                // Not a bad message but an unreadable file (permissions, a
+                // network file system): the input stops there, unfinished, so
+                // the checkpoint never passes it.
+                Err(e) => {
+                    return Some((
+                        index as u64,
+                        Some(format!("cannot read member {index} `{name}`: {e}")),
+                    ))
+                }
             },
         };
         let sent: Sent = tx
@@ -531,6 +536,15 @@ fn read_tarball(
             if let Err(e) = entry.read_to_end(&mut bytes) {
                 return Some((this, at(this, &e)));
             }
+            // A plain tar cut inside a member ends its data early without an
+            // error: a member shorter than its header says is a cut, not an alert.
+            if bytes.len() as u64 != size {
+                let short = format!(
+                    "member `{name}` ends after {} of its {size} bytes",
+                    bytes.len()
+                );
+                return Some((this, at(this, &short)));
+            }
             checked(&name, bytes)
         };
         if tx
@@ -548,11 +562,38 @@ fn read_tarball(
     }
     // The tar stream ends before gzip's trailer (its checksum and length):
     // read to the end, so that a truncated file is not taken for a whole one.
+    // A plain tar must end with its end-of-archive block (512 zero bytes):
+    // tar reads EOF at a header boundary as the end, so a tar cut between two
+    // members would otherwise pass for a whole one.
     let mut rest = tar.into_inner();
-    if let Err(e) = std::io::copy(&mut rest, &mut std::io::sink()) {
+    let mut tail = Vec::new();
+    if let Err(e) = std::io::Read::read_to_end(&mut rest, &mut tail) {
         return Some((index, at(index, &e)));
     }
+    if !gzip && !ends_with_zero_block(&archive.path) {
+        let cut = "no end-of-archive block: the tar file is cut after a member";
+        return Some((index, at(index, &cut)));
+    }
     Some((index, None))
+}
+
+/// Whether a plain tar file ends with a 512-byte zero block (its
+/// end-of-archive marker; tar pads to a record, so it is the last block).
+fn ends_with_zero_block(path: &Path) -> bool {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let Ok(len) = f.seek(SeekFrom::End(0)) else {
+        return false;
+    };
+    if len < 1024 || len % 512 != 0 {
+        return false;
+    }
+    let mut block = [0u8; 512];
+    f.seek(SeekFrom::End(-512)).is_ok()
+        && f.read_exact(&mut block).is_ok()
+        && block.iter().all(|b| *b == 0)
 }
 
 #[cfg(test)]
@@ -571,6 +612,61 @@ mod tests {
         );
         assert_eq!(topic_of_tarball("ztf_public_2025.tar"), "ztf_public_2025");
         assert_eq!(topic_of_tarball("lsst-alerts.tar.gz"), "lsst-alerts");
+    }
+
+    fn plain_tar(members: usize) -> Vec<u8> {
+        let mut tar = tar::Builder::new(Vec::new());
+        for i in 0..members {
+            let data = vec![b'O'; 1000 + i];
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_cksum();
+            tar.append_data(&mut header, format!("{i}.avro"), data.as_slice())
+                .unwrap();
+        }
+        tar.into_inner().unwrap()
+    }
+
+    /// Reads one tarball's bytes: the members sent, and how the input ended.
+    fn read_tar(bytes: &[u8]) -> (usize, Option<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("night.tar");
+        std::fs::write(&path, bytes).unwrap();
+        let inputs = expand(&[path], None).unwrap().inputs;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        read_all(
+            &inputs,
+            &[Some(0)],
+            &Arc::new(AtomicU64::new(0)),
+            &tx,
+            &AtomicBool::new(false),
+        );
+        drop(tx);
+        let mut sent = 0;
+        let mut end = None;
+        for f in rx {
+            match f {
+                Found::Member { .. } => sent += 1,
+                Found::Done { error, .. } => end = Some(error),
+                Found::Skipped { .. } => {}
+            }
+        }
+        (sent, end.expect("done"))
+    }
+
+    #[test]
+    fn a_plain_tar_cut_between_or_inside_members_is_an_error_not_a_whole_archive() {
+        let whole = plain_tar(3);
+        assert_eq!(read_tar(&whole), (3, None));
+        // Cut right after the second member's data (a header boundary).
+        let second_end = 512 + 1024 + 512 + 1024;
+        let (sent, error) = read_tar(&whole[..second_end]);
+        assert_eq!(sent, 2);
+        assert!(error.unwrap().contains("no end-of-archive block"));
+        // Cut inside the third member's data: it is not sent, cut short.
+        let (sent, error) = read_tar(&whole[..second_end + 512 + 300]);
+        assert_eq!(sent, 2);
+        assert!(error.unwrap().contains("cannot read past member 2"));
     }
 
     #[test]

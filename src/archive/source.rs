@@ -317,7 +317,10 @@ impl Partitions for ArchiveSource {
             };
             let next = *next as u64;
             self.state.borrow_mut()[i].committed = Some(next);
-            if !self.settle(i) {
+            // An input complete already stays so (the final commit offers
+            // every input's offset again).
+            let was_complete = self.state.borrow()[i].complete;
+            if !was_complete && !self.settle(i) {
                 self.checkpoint.borrow_mut().set(
                     input,
                     checkpoint::Progress {

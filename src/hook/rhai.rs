@@ -360,15 +360,17 @@ impl Compiled for RhaiScript {
         let mark = Mark::default();
         let engine = engine(&name, self.env.limits, &mark);
         // The top level runs once per hook, here, under the call limits.
-        // Calls run only the functions, and, so that `global::NAME` still
-        // finds them, one `const NAME = NAME;` per constant the top level
-        // left (a clone of its value, not a new evaluation).
+        // Calls then run only the functions, unless the top level defines
+        // constants: functions read those as `global::NAME`, which Rhai
+        // fills only by running the top level, and a constant may hold state
+        // (a closure) that each call must see fresh. Such a script's top
+        // level runs again in every call, as it always has.
         let mut scope = Scope::new();
         mark.store(crate::memory::held(), std::sync::atomic::Ordering::Relaxed);
         let loaded = RhaiHook {
             engine,
-            scope: Scope::new(),
             ast: Arc::clone(&self.ast),
+            every_call: false,
             decoder: Arc::clone(&self.env.decoder),
             limits: self.env.limits,
             mark,
@@ -381,21 +383,17 @@ impl Compiled for RhaiScript {
                 let e = loaded.call_error(&e);
                 HookError::new(e.hook, e.kind, format!("at load: {}", e.message))
             })?;
-        let mut constants = String::new();
-        for (name, constant, _) in scope.iter_raw() {
-            if constant {
-                constants.push_str(&format!("const {name} = {name};\n"));
+        let every_call = scope.iter_raw().any(|(_, constant, _)| constant);
+        let hook = if every_call {
+            RhaiHook {
+                every_call,
+                ..loaded
             }
-        }
-        let calls = loaded
-            .engine
-            .compile(&constants)
-            .map_err(|e| HookError::new(&loaded.name, HookErrorKind::Compile, e.to_string()))?
-            .merge(&loaded.ast.clone_functions_only());
-        let hook = RhaiHook {
-            scope,
-            ast: Arc::new(calls),
-            ..loaded
+        } else {
+            RhaiHook {
+                ast: Arc::new(loaded.ast.clone_functions_only()),
+                ..loaded
+            }
         };
         Ok(Box::new(hook))
     }
@@ -404,9 +402,10 @@ impl Compiled for RhaiScript {
 /// One worker's Rhai hook.
 struct RhaiHook {
     engine: Engine,
-    /// What the top level left: its constants, for `global::` in functions.
-    scope: Scope<'static>,
+    /// The functions only, or the whole script when `every_call`.
     ast: Arc<AST>,
+    /// The top level defines constants: it runs before every call.
+    every_call: bool,
     decoder: Arc<Decoder>,
     limits: Limits,
     mark: Mark,
@@ -560,10 +559,10 @@ impl Hook for RhaiHook {
         let msg = ScriptMessage::new(message, &self.decoder);
         self.mark
             .store(crate::memory::held(), std::sync::atomic::Ordering::Relaxed);
-        let options = rhai::CallFnOptions::new().rewind_scope(true);
+        let options = rhai::CallFnOptions::new().eval_ast(self.every_call);
         let value = self
             .engine
-            .call_fn_with_options::<Dynamic>(options, &mut self.scope, &self.ast, "route", (msg,))
+            .call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &self.ast, "route", (msg,))
             .map_err(|e| self.call_error(&e))?;
         Ok(self.convert(value)?.into_decision())
     }
