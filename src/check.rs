@@ -59,10 +59,10 @@ pub fn run(
             Found::Member {
                 input, index, name, ..
             } => (*input, *index as usize, name.clone()),
-            Found::Skipped { input, name, .. } => {
+            Found::Skipped { input, index, name } => {
                 eprintln!(
-                    "ztfhook: {}: member `{name}` is not an .avro alert file by its name: skipped",
-                    inputs[*input].path.display()
+                    "ztfhook: {}",
+                    crate::archive::skipped_note(&inputs[*input], *index, name)
                 );
                 tally.skipped += 1;
                 continue;
@@ -77,10 +77,7 @@ pub fn run(
                     all_ok = false;
                     tally.unreadable += 1;
                 } else if *members == 0 {
-                    eprintln!(
-                        "ztfhook: {}: an empty archive: no members in it",
-                        inputs[*input].path.display()
-                    );
+                    eprintln!("ztfhook: {}", crate::archive::empty_note(&inputs[*input]));
                 }
                 continue;
             }

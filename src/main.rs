@@ -243,7 +243,7 @@ fn replay(
         summary.published,
         summary.dropped,
         summary.dead_lettered,
-        skipped + report.skipped.len(),
+        skipped as u64 + report.skipped,
     );
     for e in &report.empty {
         tracing::warn!("replay: {e}: empty");

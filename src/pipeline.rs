@@ -176,16 +176,17 @@ pub fn replay(
     checkpoint: crate::archive::checkpoint::Checkpoint,
 ) -> Result<(Summary, crate::archive::source::Report), ReplayError> {
     // Checked before anything connects.
-    checkpoint.starts(&inputs)?;
+    let starts = checkpoint.starts(&inputs)?;
     let core = Core::start(&config, &hooks, &shutdown, false)?;
     let source = crate::archive::source::ArchiveSource::start(
         inputs,
+        starts,
         checkpoint,
         Arc::clone(&core.ledger),
         Arc::clone(&core.metrics),
         Arc::clone(&shutdown),
         config.pipeline.stats_interval,
-    )?;
+    );
     let mut limits = config.pipeline;
     limits.commit_interval = limits.commit_interval.min(CHECKPOINT_INTERVAL);
     let (summary, report) = core.run(
@@ -700,9 +701,8 @@ impl Worker {
                 }
                 self.topics.insert(name.clone(), (topic, publisher, 0));
             }
-            let entry = self.topics.get_mut(name).expect("inserted above");
-            entry.2 = self.named;
-            let (t, p, _) = &self.topics[name];
+            let (t, p, used) = self.topics.get_mut(name).expect("inserted above");
+            *used = self.named;
             if !topics.contains(t) {
                 topics.push(t.clone());
                 publishers.push(p.clone());
@@ -754,25 +754,42 @@ mod tests {
         }
     }
 
-    /// A sink that never connects: connecting is lazy, and these tests
-    /// publish nothing.
-    async fn idle_sink(
-        config: &Config,
-        acks: &crossbeam_channel::Sender<Ack>,
-        shutdown: &Arc<Shutdown>,
-        metrics: &Arc<Metrics>,
-    ) -> Arc<PubsubSink> {
-        Arc::new(
+    /// What a worker (or the pool) is built from: `text`'s config and a
+    /// sink that never connects (connecting is lazy, and these tests
+    /// publish nothing).
+    struct Parts {
+        config: Config,
+        acks: crossbeam_channel::Sender<Ack>,
+        acked: Receiver<Ack>,
+        metrics: Arc<Metrics>,
+        shutdown: Arc<Shutdown>,
+        sink: Arc<PubsubSink>,
+    }
+
+    async fn parts(text: &str) -> Parts {
+        let config = Config::parse(std::path::Path::new("test.toml"), text).unwrap();
+        let (acks, acked) = unbounded();
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = Arc::new(Shutdown::new());
+        let sink = Arc::new(
             PubsubSink::connect(
-                config,
+                &config,
                 Endpoint::Emulator("127.0.0.1:9".into()),
                 acks.clone(),
-                Arc::clone(shutdown),
-                Arc::clone(metrics),
+                Arc::clone(&shutdown),
+                Arc::clone(&metrics),
             )
             .await
             .unwrap(),
-        )
+        );
+        Parts {
+            config,
+            acks,
+            acked,
+            metrics,
+            shutdown,
+            sink,
+        }
     }
 
     /// A hook that takes seconds to build.
@@ -789,15 +806,14 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_hook_that_does_not_finish_building_stops_the_start_at_the_deadline() {
-        let config = Config::parse(
-            std::path::Path::new("test.toml"),
-            crate::config::tests::MINIMAL,
-        )
-        .unwrap();
-        let (acks, _acked) = unbounded();
-        let metrics = Arc::new(Metrics::new());
-        let shutdown = Arc::new(Shutdown::new());
-        let sink = idle_sink(&config, &acks, &shutdown, &metrics).await;
+        let Parts {
+            config,
+            acks,
+            metrics,
+            shutdown,
+            sink,
+            ..
+        } = parts(crate::config::tests::MINIMAL).await;
         let hooks: Arc<dyn HookFactory> = Arc::new(SlowToBuild);
         let started = Instant::now();
         let result = start_workers(
@@ -823,15 +839,14 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_hook_naming_a_new_topic_per_message_keeps_a_bounded_number_of_publishers() {
-        let config = Config::parse(
-            std::path::Path::new("test.toml"),
-            crate::config::tests::MINIMAL,
-        )
-        .unwrap();
-        let (acks, _acked) = unbounded();
-        let metrics = Arc::new(Metrics::new());
-        let shutdown = Arc::new(Shutdown::new());
-        let sink = idle_sink(&config, &acks, &shutdown, &metrics).await;
+        let Parts {
+            config,
+            acks,
+            metrics,
+            shutdown,
+            sink,
+            ..
+        } = parts(crate::config::tests::MINIMAL).await;
         let mut worker = Worker::new(
             &config,
             Box::new(crate::hook::Passthrough),
@@ -862,11 +877,14 @@ mod tests {
             "{}\n[hook]\non_error = \"drop\"\n",
             crate::config::tests::MINIMAL
         );
-        let config = Config::parse(std::path::Path::new("test.toml"), &text).unwrap();
-        let (acks, acked) = unbounded();
-        let metrics = Arc::new(Metrics::new());
-        let shutdown = Arc::new(Shutdown::new());
-        let sink = idle_sink(&config, &acks, &shutdown, &metrics).await;
+        let Parts {
+            config,
+            acks,
+            acked,
+            metrics,
+            shutdown,
+            sink,
+        } = parts(&text).await;
         let hooks = Arc::new(PanicsOnce {
             built: AtomicUsize::new(0),
         });

@@ -7,7 +7,7 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use common::{create_pubsub_topic, digest, sample_alerts, services, unique, Bridge, Inbox};
@@ -61,6 +61,18 @@ fn replay_args<'a>(checkpoint: &'a str, script: &'a str, inputs: &[&'a str]) -> 
     args
 }
 
+/// Runs a replay to its end (at most `timeout`): its exit status and log.
+fn replay_to_end(config: &str, args: &[&str], timeout: Duration) -> (ExitStatus, String) {
+    let mut bridge = Bridge::start_text(config, args);
+    let status = bridge.wait(timeout);
+    (status, bridge.log_text())
+}
+
+/// The checkpoint file, as JSON.
+fn read_checkpoint(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 #[tokio::test]
 async fn a_replayed_tarball_arrives_byte_for_byte_with_where_it_came_from_and_no_kafka_values() {
     let s = services();
@@ -78,16 +90,13 @@ async fn a_replayed_tarball_arrives_byte_for_byte_with_where_it_came_from_and_no
     std::fs::write(&script, SEEING).unwrap();
     let checkpoint = dir.path().join("cp.json");
 
-    let mut bridge = Bridge::start_text(
-        &config(&main, &dlq, "", ""),
-        &replay_args(
-            checkpoint.to_str().unwrap(),
-            script.to_str().unwrap(),
-            &[night.to_str().unwrap()],
-        ),
+    let text = config(&main, &dlq, "", "");
+    let args = replay_args(
+        checkpoint.to_str().unwrap(),
+        script.to_str().unwrap(),
+        &[night.to_str().unwrap()],
     );
-    let status = bridge.wait(Duration::from_secs(60));
-    let log = bridge.log_text();
+    let (status, log) = replay_to_end(&text, &args, Duration::from_secs(60));
     assert!(status.success(), "{status:?}\n{log}");
 
     let mut inbox = Inbox::open(&s.emulator, &main_sub).await;
@@ -129,22 +138,12 @@ async fn a_replayed_tarball_arrives_byte_for_byte_with_where_it_came_from_and_no
         "{log}"
     );
     assert!(log.contains("1 files and members skipped"), "{log}");
-    let cp: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&checkpoint).unwrap()).unwrap();
+    let cp = read_checkpoint(&checkpoint);
     let progress = cp["inputs"].as_object().unwrap().values().next().unwrap();
     assert_eq!(progress["complete"], true, "{cp}");
 
     // Run again: the checkpoint says it is done, so nothing is sent twice.
-    let mut again = Bridge::start_text(
-        &config(&main, &dlq, "", ""),
-        &replay_args(
-            checkpoint.to_str().unwrap(),
-            script.to_str().unwrap(),
-            &[night.to_str().unwrap()],
-        ),
-    );
-    let status = again.wait(Duration::from_secs(60));
-    let log = again.log_text();
+    let (status, log) = replay_to_end(&text, &args, Duration::from_secs(60));
     assert!(status.success(), "{log}");
     assert!(log.contains("complete in checkpoint"), "{log}");
     let more = inbox.pull(1, Duration::from_secs(3)).await;
@@ -190,8 +189,7 @@ async fn a_replay_killed_mid_way_resumes_where_it_was_with_duplicates_within_the
     first.child.kill().unwrap(); // SIGKILL: no drain, no final checkpoint
     first.child.wait().unwrap();
     assert!(got.len() >= 100, "{}", first.log_text());
-    let cp: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&checkpoint).unwrap()).unwrap();
+    let cp = read_checkpoint(&checkpoint);
     let progress = cp["inputs"]
         .as_object()
         .unwrap()
@@ -203,9 +201,7 @@ async fn a_replay_killed_mid_way_resumes_where_it_was_with_duplicates_within_the
     let next = progress["next"].as_u64().unwrap();
     assert!(next > 0 && next < 400, "{cp}");
 
-    let mut second = Bridge::start_text(&text, &args);
-    let status = second.wait(Duration::from_secs(120));
-    let log = second.log_text();
+    let (status, log) = replay_to_end(&text, &args, Duration::from_secs(120));
     assert!(status.success(), "{log}");
     assert!(log.contains(&format!("resuming at member {next}")), "{log}");
     assert!(
@@ -268,22 +264,18 @@ async fn bad_archives_are_each_named_and_counted_and_what_is_readable_is_still_s
     std::fs::write(loose.join("notes.txt"), "observing notes").unwrap();
     let checkpoint = dir.path().join("cp.json");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/passthrough.rhai");
-    let mut bridge = Bridge::start_text(
-        &config(&main, &dlq, "", ""),
-        &replay_args(
-            checkpoint.to_str().unwrap(),
-            script.to_str().unwrap(),
-            // The directory first: it is complete before the others are
-            // read, and must stay so through the final commit.
-            &[
-                loose.to_str().unwrap(),
-                truncated.to_str().unwrap(),
-                empty.to_str().unwrap(),
-            ],
-        ),
+    let args = replay_args(
+        checkpoint.to_str().unwrap(),
+        script.to_str().unwrap(),
+        // The directory first: it is complete before the others are read,
+        // and must stay so through the final commit.
+        &[
+            loose.to_str().unwrap(),
+            truncated.to_str().unwrap(),
+            empty.to_str().unwrap(),
+        ],
     );
-    let status = bridge.wait(Duration::from_secs(60));
-    let log = bridge.log_text();
+    let (status, log) = replay_to_end(&config(&main, &dlq, "", ""), &args, Duration::from_secs(60));
     assert_eq!(
         status.code(),
         Some(1),
@@ -323,8 +315,7 @@ async fn bad_archives_are_each_named_and_counted_and_what_is_readable_is_still_s
         .collect();
     // The checkpoint: the directory is complete (and stays so through the
     // final commit), the cut tarball is not.
-    let cp: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&checkpoint).unwrap()).unwrap();
+    let cp = read_checkpoint(&checkpoint);
     for (path, progress) in cp["inputs"].as_object().unwrap() {
         let complete = progress["complete"].as_bool().unwrap();
         if path.ends_with("/loose") || path.ends_with("20250305.tar.gz") {

@@ -329,6 +329,22 @@ impl Found {
     }
 }
 
+/// The log line for a tarball member left out by its name (replay and check).
+pub(crate) fn skipped_note(input: &Input, index: u64, name: &str) -> String {
+    format!(
+        "{}: member {index} `{name}` is not an .avro alert file by its name: skipped, not sent",
+        input.path.display()
+    )
+}
+
+/// The log line for an input without members (replay and check).
+pub(crate) fn empty_note(input: &Input) -> String {
+    format!(
+        "{}: an empty archive: no members in it",
+        input.path.display()
+    )
+}
+
 /// Counts the bytes read from a file, for the progress line.
 struct Counting<R> {
     inner: R,
@@ -342,9 +358,6 @@ impl<R: Read> Read for Counting<R> {
         Ok(n)
     }
 }
-
-/// Whether the reader should go on: false once the receiver is gone.
-type Sent = bool;
 
 /// Reads every input from its `start[i]`th member (`None`: the input is
 /// done already, not read) and sends what it finds, until the inputs end,
@@ -430,7 +443,7 @@ fn read_files(
                 }
             },
         };
-        let sent: Sent = tx
+        if tx
             .send(Found::Member {
                 input,
                 index: index as u64,
@@ -438,8 +451,8 @@ fn read_files(
                 payload,
                 problem,
             })
-            .is_ok();
-        if !sent {
+            .is_err()
+        {
             return None;
         }
     }
@@ -566,8 +579,7 @@ fn read_tarball(
     // tar reads EOF at a header boundary as the end, so a tar cut between two
     // members would otherwise pass for a whole one.
     let mut rest = tar.into_inner();
-    let mut tail = Vec::new();
-    if let Err(e) = std::io::Read::read_to_end(&mut rest, &mut tail) {
+    if let Err(e) = std::io::copy(&mut rest, &mut std::io::sink()) {
         return Some((index, at(index, &e)));
     }
     if !gzip && !ends_with_zero_block(&archive.path) {

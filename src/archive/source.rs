@@ -24,7 +24,7 @@ use rdkafka::consumer::CommitMode;
 
 use crate::archive::checkpoint::{self, Checkpoint};
 use crate::archive::progress::{Done, Progress};
-use crate::archive::{read_all, Found, Input, READ_AHEAD};
+use crate::archive::{empty_note, read_all, skipped_note, Found, Input, READ_AHEAD};
 use crate::metrics::Metrics;
 use crate::offsets::PartitionKey;
 use crate::shutdown::Shutdown;
@@ -38,8 +38,9 @@ pub struct Report {
     pub inputs: usize,
     /// Members read in this run.
     pub members: u64,
-    /// Files and members that are not alerts by their names: `where: what`.
-    pub skipped: Vec<String>,
+    /// Tarball members left out because they are not alerts by their names
+    /// (each named in a log line; counted, not kept, so memory stays flat).
+    pub skipped: u64,
     /// Inputs that ended early, with why.
     pub errors: Vec<String>,
     /// Inputs with no members at all.
@@ -83,19 +84,17 @@ pub(crate) struct ArchiveSource {
 }
 
 impl ArchiveSource {
-    /// Starts reading `inputs` where `checkpoint` says each stands.
-    ///
-    /// # Errors
-    /// [`checkpoint::CheckpointError::Changed`] for an input changed since.
+    /// Starts reading `inputs` from `starts` (what `checkpoint` says of
+    /// each, [`Checkpoint::starts`]).
     pub(crate) fn start(
         inputs: Vec<Input>,
+        starts: Vec<Option<u64>>,
         checkpoint: Checkpoint,
         ledger: SharedLedger,
         metrics: Arc<Metrics>,
         shutdown: Arc<Shutdown>,
         progress_every: Duration,
-    ) -> Result<ArchiveSource, checkpoint::CheckpointError> {
-        let starts = checkpoint.starts(&inputs)?;
+    ) -> ArchiveSource {
         let inputs = Arc::new(inputs);
         let keys = inputs
             .iter()
@@ -147,7 +146,7 @@ impl ArchiveSource {
                 .spawn(move || read_all(&inputs, &starts, &read_bytes, &tx, &stop))
                 .expect("spawning the archive reader")
         };
-        Ok(ArchiveSource {
+        ArchiveSource {
             inputs,
             keys,
             reads,
@@ -164,7 +163,7 @@ impl ArchiveSource {
             reader_done: false,
             report: RefCell::new(report),
             progress: Progress::new(total, progress_every),
-        })
+        }
     }
 
     /// What the replay found; stops the reader.
@@ -190,11 +189,15 @@ impl ArchiveSource {
         report
     }
 
-    /// Marks an input complete once it is read and committed to its end.
+    /// Whether an input is complete: marks it so (in the checkpoint too)
+    /// once it is read and committed to its end. One complete stays so.
     fn settle(&self, input: usize) -> bool {
         let mut state = self.state.borrow_mut();
         let s = &mut state[input];
-        if s.complete || !s.done || s.failed {
+        if s.complete {
+            return true;
+        }
+        if !s.done || s.failed {
             return false;
         }
         let all_committed = match s.last_sent {
@@ -241,14 +244,10 @@ impl ArchiveSource {
                     .map_or(Polled::Idle, Polled::Message)
             }
             Found::Skipped { input, index, name } => {
-                let from = &self.inputs[input];
-                tracing::warn!(
-                    "{}: member {index} `{name}` is not an .avro alert file by its name: skipped, not sent",
-                    from.path.display()
-                );
+                tracing::warn!("{}", skipped_note(&self.inputs[input], index, &name));
                 let mut r = self.report.borrow_mut();
                 r.members += 1;
-                r.skipped.push(format!("{}:{name}", from.file));
+                r.skipped += 1;
                 Polled::Idle
             }
             Found::Done {
@@ -274,10 +273,7 @@ impl ArchiveSource {
                             .push(format!("{}: {e}", from.path.display()));
                     }
                     None if members == 0 => {
-                        tracing::warn!(
-                            "{}: an empty archive: no members in it",
-                            from.path.display()
-                        );
+                        tracing::warn!("{}", empty_note(from));
                         self.report
                             .borrow_mut()
                             .empty
@@ -317,10 +313,9 @@ impl Partitions for ArchiveSource {
             };
             let next = *next as u64;
             self.state.borrow_mut()[i].committed = Some(next);
-            // An input complete already stays so (the final commit offers
-            // every input's offset again).
-            let was_complete = self.state.borrow()[i].complete;
-            if !was_complete && !self.settle(i) {
+            // The final commit offers every input's offset again: one
+            // complete already is left as it is.
+            if !self.settle(i) {
                 self.checkpoint.borrow_mut().set(
                     input,
                     checkpoint::Progress {
