@@ -101,6 +101,25 @@ pub enum Command {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// Print the BigQuery table schema (the JSON `bq mk --table` takes) of
+    /// the JSON form of alerts of a schema: `[bigquery] topics` publish it.
+    BigquerySchema {
+        /// With the `kafka_topic`, `kafka_partition`, `kafka_offset` and
+        /// `kafka_timestamp_ms` columns (`[bigquery] kafka_columns = true`).
+        #[arg(long)]
+        kafka_columns: bool,
+        /// Schemas of Rubin wire-format alerts: a directory laid out like
+        /// lsst/alert_packet's `schema/`.
+        #[arg(long)]
+        schema_dir: Option<PathBuf>,
+        /// Schemas of Rubin wire-format alerts: a Confluent schema registry URL.
+        #[arg(long)]
+        schema_registry: Option<String>,
+        /// A schema file (`alert.avsc` of ZTF's schema folder,
+        /// `lsst.vM_m.alert.avsc` of Rubin's, with the record files beside
+        /// it), or an alert file (a ZTF alert carries its schema).
+        source: PathBuf,
+    },
     /// Run the hook (--script) on alert files or archives offline and print
     /// each decision (a summary on stderr).
     Check {

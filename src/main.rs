@@ -53,6 +53,35 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(cli::Command::BigquerySchema {
+        kafka_columns,
+        schema_dir,
+        schema_registry,
+        source,
+    }) = &cli.command
+    {
+        let decoder = Decoder::new(SchemaSources {
+            directory: schema_dir.clone(),
+            registry: schema_registry.clone(),
+        });
+        return match ztfhook::alert::bigquery::table_schema_of_file(
+            source,
+            &decoder,
+            *kafka_columns,
+        ) {
+            Ok(columns) => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&columns).expect("JSON prints")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ztfhook: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Some(cli::Command::ImportConnect {
         worker,
         connector,

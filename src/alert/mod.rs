@@ -18,6 +18,7 @@
 //! wire-format schema is used for it only after it decoded a whole alert.
 
 pub mod avro;
+pub mod bigquery;
 pub mod schemas;
 
 use std::sync::{Arc, Mutex};
@@ -223,6 +224,18 @@ impl Decoder {
         )))
     }
 
+    /// The schema a payload is written with (a container's own, or the
+    /// wire format's id looked up), without decoding it.
+    ///
+    /// # Errors
+    /// As [`Decoder::decode`].
+    pub fn schema_of(&self, payload: &[u8]) -> Result<Arc<Schema>, AvroError> {
+        match self.form(payload)? {
+            Form::Container { schema, .. } => Ok(schema),
+            Form::Wire(id) => self.wire.get(id),
+        }
+    }
+
     /// Decodes a payload's alert record.
     ///
     /// # Errors
@@ -373,6 +386,11 @@ impl Alert {
             schema_id,
             head,
         })
+    }
+
+    /// The schema the alert was decoded with.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
     }
 
     /// Whether every field was decoded (not a head-only decode).

@@ -149,20 +149,28 @@ impl SchemaStore {
     }
 }
 
-/// `M/m/lsst.vM_m.alert.avsc` under `dir` for id `M*100 + m`, with the
-/// record files beside it.
-fn from_directory(dir: &Path, id: u32) -> Result<Schema, AvroError> {
-    let (major, minor) = (id / 100, id % 100);
-    let folder = dir.join(major.to_string()).join(minor.to_string());
-    let file = folder.join(format!("lsst.v{major}_{minor}.alert.avsc"));
+/// A schema file, with the named types it uses read from the `.avsc` files
+/// beside it (the layout of both ZTF's and Rubin's schema folders).
+///
+/// # Errors
+/// [`AvroError`] naming the file and what is wrong with it.
+pub fn from_file(file: &Path) -> Result<Schema, AvroError> {
     let fail = |m: String| AvroError(format!("{}: {m}", file.display()));
-    let text = std::fs::read_to_string(&file).map_err(|e| fail(e.to_string()))?;
-    let siblings = named_files(&folder);
+    let text = std::fs::read_to_string(file).map_err(|e| fail(e.to_string()))?;
+    let siblings = named_files(file.parent().unwrap_or(Path::new(".")));
     let mut resolve = |name: &str| -> Option<Json> {
         let path = siblings.get(name)?;
         serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
     };
     parse_schema(&text, &mut resolve).map_err(|e| fail(e.0))
+}
+
+/// `M/m/lsst.vM_m.alert.avsc` under `dir` for id `M*100 + m`, with the
+/// record files beside it.
+fn from_directory(dir: &Path, id: u32) -> Result<Schema, AvroError> {
+    let (major, minor) = (id / 100, id % 100);
+    let folder = dir.join(major.to_string()).join(minor.to_string());
+    from_file(&folder.join(format!("lsst.v{major}_{minor}.alert.avsc")))
 }
 
 /// The `.avsc` files of a folder by the full name each defines.
