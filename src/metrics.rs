@@ -120,6 +120,13 @@ pub struct Metrics {
     /// success since; 0 when the last attempt succeeded.
     pub failing_since_ms: AtomicU64,
     pub started: Instant,
+    /// Objects created in Cloud Storage.
+    pub objects_created: AtomicU64,
+    /// Object writes that found the object there already (redeliveries).
+    pub objects_existing: AtomicU64,
+    pub object_bytes: AtomicU64,
+    /// Messages converted to the BigQuery JSON form.
+    pub json_converted: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -153,6 +160,10 @@ impl Default for Metrics {
             stalled: Mutex::new(None),
             failing_since_ms: AtomicU64::new(0),
             started: Instant::now(),
+            objects_created: AtomicU64::new(0),
+            objects_existing: AtomicU64::new(0),
+            object_bytes: AtomicU64::new(0),
+            json_converted: AtomicU64::new(0),
         }
     }
 }
@@ -192,6 +203,18 @@ impl Metrics {
         };
         c.messages += 1;
         c.bytes += bytes as u64;
+    }
+
+    /// Records an object written (or found there already) in Cloud Storage.
+    pub fn object_written(&self, bytes: usize, latency: Duration, existed: bool) {
+        self.publish_latency.observe(latency);
+        self.failing_since_ms.store(0, Relaxed);
+        if existed {
+            self.objects_existing.fetch_add(1, Relaxed);
+        } else {
+            self.objects_created.fetch_add(1, Relaxed);
+            self.object_bytes.fetch_add(bytes as u64, Relaxed);
+        }
     }
 
     /// Records a failed publish attempt.
@@ -269,6 +292,26 @@ impl Metrics {
             "ztfhook_failed_messages_total",
             "Messages that failed permanently (the bridge stops).",
             self.failed.load(Relaxed),
+        );
+        counter(
+            "ztfhook_objects_created_total",
+            "Objects created in Cloud Storage.",
+            self.objects_created.load(Relaxed),
+        );
+        counter(
+            "ztfhook_objects_existing_total",
+            "Object writes that found the object there already (redeliveries; counted as written).",
+            self.objects_existing.load(Relaxed),
+        );
+        counter(
+            "ztfhook_object_bytes_total",
+            "Payload bytes written to Cloud Storage.",
+            self.object_bytes.load(Relaxed),
+        );
+        counter(
+            "ztfhook_json_converted_total",
+            "Messages converted to the BigQuery JSON form.",
+            self.json_converted.load(Relaxed),
         );
         counter(
             "ztfhook_publish_retries_total",

@@ -363,6 +363,7 @@ fn start_workers(
     let shared = Arc::new(config.clone());
     let (ready_tx, ready_rx) = bounded::<Result<(), HookError>>(config.pipeline.workers);
     let mut queues = Vec::with_capacity(config.pipeline.workers);
+    let decoder = Arc::new(crate::alert::Decoder::new(config.alerts.clone()));
     let threads: Vec<_> = (0..config.pipeline.workers)
         .map(|i| {
             let (tx, rx) = bounded::<Envelope>(QUEUE_PER_WORKER);
@@ -375,11 +376,12 @@ fn start_workers(
                 Arc::clone(metrics),
                 Arc::clone(shutdown),
                 ready_tx.clone(),
+                Arc::clone(&decoder),
             );
             std::thread::Builder::new()
                 .name(format!("ztfhook-worker-{i}"))
                 .spawn(move || {
-                    let (config, hooks, sink, acks, metrics, shutdown, ready) = parts;
+                    let (config, hooks, sink, acks, metrics, shutdown, ready, decoder) = parts;
                     let _guard = FailOnPanic(Arc::clone(&shutdown), i);
                     let hook = match hooks.build() {
                         Ok(hook) => hook,
@@ -390,7 +392,9 @@ fn start_workers(
                     };
                     let _ = ready.send(Ok(()));
                     drop(ready);
-                    Worker::new(&config, hook, hooks, sink, acks, metrics, shutdown).run(rx);
+                    Worker::new(&config, hook, hooks, sink, acks, metrics, shutdown)
+                        .with_decoder(decoder)
+                        .run(rx);
                 })
                 .expect("spawning a worker thread")
         })
@@ -440,6 +444,15 @@ struct Worker {
     project: String,
     default_topic: TopicName,
     default_publisher: Vec<Publisher>,
+    /// Where a message goes when the hook names no destination.
+    default_topics: Vec<TopicName>,
+    default_publishers: Vec<Publisher>,
+    default_archive: bool,
+    /// The `@archive` bucket and object name template.
+    storage: Option<crate::config::Storage>,
+    /// For the JSON form and for object names that read the alert.
+    decoder: Arc<crate::alert::Decoder>,
+    kafka_columns: bool,
     /// Topics named by the hook, resolved, with their publisher and when
     /// they were last named (at most [`MAX_PUBLISHERS`]; the least recently
     /// named goes first).
@@ -464,6 +477,8 @@ impl Worker {
     ) -> Worker {
         let default_topic = config.pubsub.topic.clone();
         let default_publisher = vec![sink.publisher(&default_topic)];
+        let default_topics = config.destinations.topics.clone();
+        let default_publishers = default_topics.iter().map(|t| sink.publisher(t)).collect();
         Worker {
             hook,
             hooks,
@@ -477,11 +492,23 @@ impl Worker {
             project: config.pubsub.project.clone(),
             default_topic,
             default_publisher,
+            default_topics,
+            default_publishers,
+            default_archive: config.destinations.archive,
+            storage: config.storage.clone(),
+            decoder: Arc::new(crate::alert::Decoder::new(config.alerts.clone())),
+            kafka_columns: config.bigquery.kafka_columns,
             topics: HashMap::new(),
             named: 0,
             discard: config.pipeline.discard,
             ordering: config.pubsub.ordering_key,
         }
+    }
+
+    /// Shares the pool's alert decoder (and its schema cache).
+    fn with_decoder(mut self, decoder: Arc<crate::alert::Decoder>) -> Worker {
+        self.decoder = decoder;
+        self
     }
 
     fn run(mut self, queue: Receiver<Envelope>) {
@@ -521,6 +548,7 @@ impl Worker {
         }
         let Decision {
             topics: named,
+            objects: named_objects,
             attributes: hook_attributes,
             ordering_key,
             ..
@@ -535,8 +563,25 @@ impl Worker {
                 .map(str::to_string),
             OrderingKeySource::Partition => Some(envelope.partition.to_string()),
         });
-        let (topics, publishers) = match self.resolve(&named) {
-            Ok(t) => t,
+        let defaults = named.is_empty() && named_objects.is_empty();
+        let (topics, publishers) = if defaults {
+            (self.default_topics.clone(), self.default_publishers.clone())
+        } else {
+            match self.resolve(&named) {
+                Ok(t) => t,
+                Err(why) => return self.hook_failed(envelope, why),
+            }
+        };
+        let archive = if defaults {
+            self.default_archive
+        } else {
+            named_objects
+                .iter()
+                .any(|o| o == crate::hook::ARCHIVE_OBJECT)
+        };
+        let json = !self.discard && topics.iter().any(|t| self.sink.is_json(t));
+        let (objects, json) = match self.extras(&envelope, &named_objects, archive, json) {
+            Ok(x) => x,
             Err(why) => return self.hook_failed(envelope, why),
         };
         let attrs = match attributes::build(&self.options, &envelope, &hook_attributes) {
@@ -545,12 +590,101 @@ impl Worker {
         };
         self.send(
             envelope,
-            topics,
-            publishers,
+            Destinations {
+                topics,
+                publishers,
+                objects,
+                json,
+            },
             attrs,
             hook_attributes,
             ordering_key,
         );
+    }
+
+    /// The message's objects (`@archive` filled in, `gs://` names checked)
+    /// and, if a destination topic wants it, its BigQuery JSON form; the
+    /// alert is decoded (once) only if one of them needs it.
+    fn extras(
+        &self,
+        envelope: &Envelope,
+        named: &[String],
+        archive: bool,
+        json: bool,
+    ) -> Result<(Vec<crate::objects::ObjectName>, Option<bytes::Bytes>), String> {
+        let mut objects = Vec::new();
+        for o in named {
+            if o == crate::hook::ARCHIVE_OBJECT {
+                continue;
+            }
+            if self.storage.is_none() {
+                return Err(format!(
+                    "hook object `{o}`: objects need a [storage] section in the config"
+                ));
+            }
+            let object = crate::objects::ObjectName::parse(o).map_err(|e| format!("hook {e}"))?;
+            if !objects.contains(&object) {
+                objects.push(object);
+            }
+        }
+        let template = match (&self.storage, archive) {
+            (Some(s), true) => Some(s),
+            (None, true) => {
+                return Err(
+                    "hook object `@archive`: it needs a [storage] section in the config".into(),
+                )
+            }
+            _ => None,
+        };
+        let needs_alert = json || template.is_some_and(|s| s.object.reads_alert());
+        let alert = if needs_alert {
+            let decoded = if json {
+                self.decoder.decode(&envelope.payload)
+            } else {
+                self.decoder.decode_head(&envelope.payload)
+            };
+            Some(decoded.map_err(|e| {
+                let why = if json {
+                    "the BigQuery JSON form"
+                } else {
+                    "the object name"
+                };
+                format!("{why} needs the alert, and the payload does not decode as one: {e}")
+            })?)
+        } else {
+            None
+        };
+        if let Some(storage) = template {
+            let name = storage.object.fill(envelope, alert.as_ref())?;
+            let object = crate::objects::ObjectName {
+                bucket: Arc::clone(&storage.bucket),
+                name,
+            };
+            if !objects.contains(&object) {
+                objects.push(object);
+            }
+        }
+        let json = match (json, &alert) {
+            (true, Some(alert)) => {
+                let mut out = Vec::with_capacity(envelope.payload.len() / 2);
+                let kafka = crate::alert::bigquery::KafkaColumns {
+                    topic: &envelope.topic,
+                    partition: envelope.archive.is_none().then_some(envelope.partition),
+                    offset: envelope.archive.is_none().then_some(envelope.offset),
+                    timestamp_ms: envelope.timestamp_ms,
+                };
+                crate::alert::bigquery::write_json(
+                    alert,
+                    self.kafka_columns.then_some(&kafka),
+                    &mut out,
+                )
+                .map_err(|e| format!("the BigQuery JSON form: {e}"))?;
+                self.metrics.json_converted.fetch_add(1, Ordering::Relaxed);
+                Some(bytes::Bytes::from(out))
+            }
+            _ => None,
+        };
+        Ok((objects, json))
     }
 
     /// Applies `hook.on_error` to a message the hook failed on.
@@ -588,9 +722,13 @@ impl Worker {
                     Ok(a) => a,
                     Err(v) => unreachable!("ztfhook.error is within limits: {v}"),
                 };
-                let topics = vec![self.default_topic.clone()];
-                let publishers = self.default_publisher.clone();
-                self.send(envelope, topics, publishers, attrs, hook_attributes, None);
+                let destinations = Destinations {
+                    topics: vec![self.default_topic.clone()],
+                    publishers: self.default_publisher.clone(),
+                    objects: Vec::new(),
+                    json: None,
+                };
+                self.send(envelope, destinations, attrs, hook_attributes, None);
             }
             ErrorPolicy::DeadLetter => self.sink.dead_letter(envelope, None, public, true),
             ErrorPolicy::Drop => {
@@ -607,30 +745,38 @@ impl Worker {
     fn send(
         &mut self,
         envelope: Envelope,
-        topics: Vec<TopicName>,
-        publishers: Vec<Publisher>,
+        destinations: Destinations,
         attrs: attributes::Attributes,
         hook_attributes: Vec<(String, String)>,
         ordering_key: Option<String>,
     ) {
+        let Destinations {
+            topics,
+            publishers,
+            objects,
+            json,
+        } = destinations;
         if attrs.omitted > 0 {
             self.metrics
                 .omitted_attributes
                 .fetch_add(attrs.omitted as u64, Ordering::Relaxed);
         }
         let longest = topics.iter().map(|t| t.as_str().len()).max().unwrap_or(0);
-        let size =
-            envelope.payload.len() + attrs.size() + ordering_key.as_ref().map_or(0, String::len);
-        if size + longest + REQUEST_OVERHEAD > MAX_MESSAGE_BYTES {
+        let data = envelope
+            .payload
+            .len()
+            .max(json.as_ref().map_or(0, bytes::Bytes::len));
+        let size = data + attrs.size() + ordering_key.as_ref().map_or(0, String::len);
+        if !topics.is_empty() && size + longest + REQUEST_OVERHEAD > MAX_MESSAGE_BYTES {
             let reason = format!(
                 "message of {size} bytes (payload {}) is over Pub/Sub's {MAX_MESSAGE_BYTES}-byte request limit",
                 envelope.payload.len()
             );
-            self.sink
-                .dead_letter(envelope, topics.first(), reason, false);
+            let first = topics.first().map(TopicName::as_str);
+            self.sink.dead_letter(envelope, first, reason, false);
             return;
         }
-        if envelope.payload.is_empty() && attrs.map.is_empty() {
+        if !topics.is_empty() && envelope.payload.is_empty() && attrs.map.is_empty() {
             // Pub/Sub refuses a message with neither (and with it the whole
             // request it is batched in): it takes the error policy alone.
             self.metrics.refused.fetch_add(1, Ordering::Relaxed);
@@ -642,8 +788,8 @@ impl Worker {
                     "an empty value"
                 }
             );
-            self.sink
-                .dead_letter(envelope, topics.first(), reason, false);
+            let first = topics.first().map(TopicName::as_str);
+            self.sink.dead_letter(envelope, first, reason, false);
             return;
         }
         if self.discard {
@@ -661,6 +807,8 @@ impl Worker {
                 attributes: attrs,
                 hook_attributes,
                 ordering_key,
+                objects,
+                json,
             },
         );
     }
@@ -669,10 +817,8 @@ impl Worker {
     /// default topic when it named none.
     fn resolve(&mut self, named: &[String]) -> Result<(Vec<TopicName>, Vec<Publisher>), String> {
         if named.is_empty() {
-            return Ok((
-                vec![self.default_topic.clone()],
-                self.default_publisher.clone(),
-            ));
+            // Objects only.
+            return Ok((Vec::new(), Vec::new()));
         }
         let mut topics = Vec::with_capacity(named.len());
         let mut publishers = Vec::with_capacity(named.len());
@@ -710,6 +856,15 @@ impl Worker {
         }
         Ok((topics, publishers))
     }
+}
+
+/// Where one message goes.
+struct Destinations {
+    topics: Vec<TopicName>,
+    publishers: Vec<Publisher>,
+    objects: Vec<crate::objects::ObjectName>,
+    /// The JSON form, when a topic among `topics` is a `[bigquery]` one.
+    json: Option<bytes::Bytes>,
 }
 
 /// A panic's message, where it has one.

@@ -25,6 +25,8 @@ pub enum Fatal {
         at: String,
         reason: String,
     },
+    #[error("{at}: writing it failed permanently: {reason}")]
+    ObjectFailed { at: String, reason: String },
     #[error("{at}: {reason}; no pubsub.dead_letter_topic is configured, so the bridge stops rather than skip it")]
     NoDeadLetterTopic { at: String, reason: String },
     #[error("{at}: the dead-letter topic `{topic}` refused it too: {reason}")]

@@ -59,13 +59,13 @@ pub struct SchemaError {
 }
 
 /// Whether a field is written (and has a column): not a cutout.
-fn kept(schema: &Schema, node: &Node, name: &str, at_root: bool) -> bool {
-    !(at_root && name.starts_with("cutout")) && !is_binary(schema, node)
+fn kept(node: &Node, name: &str, at_root: bool) -> bool {
+    !(is_binary(node) || at_root && name.starts_with("cutout"))
 }
 
 /// Whether a node holds only binary data (or null): bytes, fixed, or a union
 /// of them with null.
-fn is_binary(_schema: &Schema, node: &Node) -> bool {
+fn is_binary(node: &Node) -> bool {
     match node {
         Node::Bytes | Node::Fixed(_) => true,
         Node::Union(branches) => {
@@ -184,7 +184,7 @@ fn record_columns(
 ) -> Result<Vec<Column>, SchemaError> {
     let mut columns = Vec::new();
     for f in &schema.records[id as usize].fields {
-        if !kept(schema, &f.node, &f.name, at_root) {
+        if !kept(&f.node, &f.name, at_root) {
             continue;
         }
         let here = if path.is_empty() {
@@ -302,7 +302,7 @@ impl Writer<'_> {
         self.out.push(b'{');
         let mut any = false;
         for (i, f) in schema.records[id as usize].fields.iter().enumerate() {
-            if !kept(schema, &f.node, &f.name, at_root) {
+            if !kept(&f.node, &f.name, at_root) {
                 continue;
             }
             let v = self.alert.decoded.arena[first as usize + i];

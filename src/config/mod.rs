@@ -41,8 +41,8 @@ pub use names::{check_topic_id, TopicName};
 use raw::ConfigFile;
 use spans::Locator;
 use validate::{
-    validate_alerts, validate_batching, validate_hook, validate_kafka, validate_pipeline,
-    validate_pubsub,
+    validate_alerts, validate_batching, validate_bigquery, validate_destinations, validate_hook,
+    validate_kafka, validate_pipeline, validate_pubsub, validate_storage,
 };
 
 /// Pub/Sub's limit on messages in one publish request.
@@ -70,6 +70,44 @@ pub struct Config {
     pub alerts: crate::alert::SchemaSources,
     /// Where `/metrics` and `/healthz` are served; `None`: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Cloud Storage, for object destinations (`@archive`, `gs://...`).
+    pub storage: Option<Storage>,
+    /// Topics that get the BigQuery-ready JSON form of alerts.
+    pub bigquery: Bigquery,
+    /// Where a message goes when the hook names no destination.
+    pub destinations: Destinations,
+}
+
+/// Cloud Storage: the `@archive` destination, and how to reach the service.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    pub bucket: std::sync::Arc<str>,
+    /// The `@archive` object's name, filled in per message.
+    pub object: crate::objects::Template,
+    /// An explicit API endpoint; `STORAGE_EMULATOR_HOST` overrides it.
+    pub endpoint: Option<String>,
+    /// Object writes in flight at once, at most.
+    pub max_concurrent_writes: usize,
+}
+
+/// The object name template `@archive` uses unless `[storage] object` says.
+pub const DEFAULT_OBJECT_TEMPLATE: &str = "{kafka.topic}/{objectId}/{candid}.avro";
+
+/// Topics whose messages are the alert's BigQuery-ready JSON form.
+#[derive(Debug, Clone, Default)]
+pub struct Bigquery {
+    pub topics: Vec<TopicName>,
+    /// Add `kafka_topic`, `kafka_partition`, `kafka_offset`, `kafka_timestamp_ms`.
+    pub kafka_columns: bool,
+}
+
+/// The destinations of a message the hook names none for (with no
+/// script: every message).
+#[derive(Debug, Clone)]
+pub struct Destinations {
+    pub topics: Vec<TopicName>,
+    /// Whether `@archive` is among them.
+    pub archive: bool,
 }
 
 /// What a hook failure does to the message it failed on.
@@ -286,6 +324,18 @@ impl Config {
         let pipeline = validate_pipeline(&at, file.pipeline)?;
         let hook = validate_hook(&at, file.hook, pubsub.dead_letter_topic.is_some())?;
         let alerts = validate_alerts(&at, file.alerts)?;
+        let storage = match file.storage {
+            Some(raw) => Some(validate_storage(&at, raw)?),
+            None => None,
+        };
+        let bigquery = validate_bigquery(&at, &pubsub.project, file.bigquery)?;
+        let destinations = validate_destinations(
+            &at,
+            &pubsub.project,
+            &pubsub.topic,
+            storage.is_some(),
+            file.destinations,
+        )?;
         let metrics_listen = match file.metrics.listen {
             None => None,
             Some(l) => {
@@ -313,13 +363,21 @@ impl Config {
             hook,
             alerts,
             metrics_listen,
+            storage,
+            bigquery,
+            destinations,
         })
     }
 
-    /// Every Pub/Sub topic this configuration names (default and dead letter).
+    /// Every Pub/Sub topic this configuration names (default, dead letter,
+    /// default destinations and BigQuery topics), each once.
     pub fn pubsub_topics(&self) -> Vec<&TopicName> {
         let mut topics = vec![&self.pubsub.topic];
         topics.extend(self.pubsub.dead_letter_topic.as_ref());
+        topics.extend(self.destinations.topics.iter());
+        topics.extend(self.bigquery.topics.iter());
+        let mut seen = std::collections::HashSet::new();
+        topics.retain(|t| seen.insert(*t));
         topics
     }
 }

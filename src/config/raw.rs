@@ -24,6 +24,36 @@ pub(super) struct ConfigFile {
     pub(super) alerts: AlertsConfig,
     #[serde(default)]
     pub(super) metrics: MetricsConfig,
+    #[serde(default)]
+    pub(super) storage: Option<StorageConfig>,
+    #[serde(default)]
+    pub(super) bigquery: BigqueryConfig,
+    #[serde(default)]
+    pub(super) destinations: DestinationsConfig,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StorageConfig {
+    pub(super) bucket: Spanned<String>,
+    pub(super) object: Option<Spanned<String>>,
+    pub(super) endpoint: Option<Spanned<String>>,
+    pub(super) max_concurrent_writes: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BigqueryConfig {
+    #[serde(default)]
+    pub(super) topics: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) kafka_columns: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DestinationsConfig {
+    pub(super) default: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -465,3 +465,143 @@ pub(super) fn validate_pipeline(
         stats_interval: Duration::from_millis(stats_interval_ms as u64),
     })
 }
+
+/// `[storage]`: the `@archive` bucket and object name template.
+pub(super) fn validate_storage(
+    at: &Locator<'_>,
+    mut raw: StorageConfig,
+) -> Result<Storage, ConfigError> {
+    let fields = [
+        ("storage.bucket", Some(&mut raw.bucket)),
+        ("storage.object", raw.object.as_mut()),
+        ("storage.endpoint", raw.endpoint.as_mut()),
+    ];
+    for (key, field) in fields {
+        if let Some(field) = field {
+            let expanded = expand_env(field.get_ref(), &env_lookup)
+                .or_else(|m| at.invalid(field.span(), key, m))?;
+            *field.get_mut() = expanded;
+        }
+    }
+    let bucket = raw.bucket.get_ref().trim().to_string();
+    crate::objects::check_bucket(&bucket)
+        .or_else(|m| at.invalid(raw.bucket.span(), "storage.bucket", m))?;
+    let object = match &raw.object {
+        Some(o) => crate::objects::Template::parse(o.get_ref())
+            .or_else(|m| at.invalid(o.span(), "storage.object", m))?,
+        None => crate::objects::Template::parse(DEFAULT_OBJECT_TEMPLATE)
+            .expect("the default template parses"),
+    };
+    let endpoint = match raw.endpoint {
+        Some(e) => {
+            let url = e.get_ref().trim().trim_end_matches('/').to_string();
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return at.invalid(
+                    e.span(),
+                    "storage.endpoint",
+                    "expected a URL such as https://storage.googleapis.com",
+                );
+            }
+            Some(url)
+        }
+        None => None,
+    };
+    let max_concurrent_writes = match &raw.max_concurrent_writes {
+        Some(v) => in_range(
+            at,
+            v,
+            "storage.max_concurrent_writes",
+            1..=10_000,
+            "object writes in flight at once",
+        )? as usize,
+        None => 64,
+    };
+    Ok(Storage {
+        bucket: bucket.into(),
+        object,
+        endpoint,
+        max_concurrent_writes,
+    })
+}
+
+/// `[bigquery]`: the topics that get the JSON form.
+pub(super) fn validate_bigquery(
+    at: &Locator<'_>,
+    project: &str,
+    raw: BigqueryConfig,
+) -> Result<Bigquery, ConfigError> {
+    let mut topics = Vec::new();
+    for t in &raw.topics {
+        let text = expand_env(t.get_ref(), &env_lookup)
+            .or_else(|m| at.invalid(t.span(), "bigquery.topics", m))?;
+        let topic = TopicName::parse(project, &text)
+            .or_else(|m| at.invalid(t.span(), "bigquery.topics", m))?;
+        if !topics.contains(&topic) {
+            topics.push(topic);
+        }
+    }
+    Ok(Bigquery {
+        topics,
+        kafka_columns: raw.kafka_columns,
+    })
+}
+
+/// `[destinations]`: where a message goes when the hook names none; by
+/// default the configured topic, and `@archive` when `[storage]` is set.
+pub(super) fn validate_destinations(
+    at: &Locator<'_>,
+    project: &str,
+    default_topic: &TopicName,
+    storage: bool,
+    raw: DestinationsConfig,
+) -> Result<Destinations, ConfigError> {
+    let Some(list) = raw.default else {
+        return Ok(Destinations {
+            topics: vec![default_topic.clone()],
+            archive: storage,
+        });
+    };
+    let key = "destinations.default";
+    let mut topics = Vec::new();
+    let mut archive = false;
+    for d in list.get_ref() {
+        let text =
+            expand_env(d.get_ref(), &env_lookup).or_else(|m| at.invalid(d.span(), key, m))?;
+        match text.trim() {
+            crate::hook::ARCHIVE_OBJECT if storage => archive = true,
+            crate::hook::ARCHIVE_OBJECT => {
+                return at.invalid(
+                    d.span(),
+                    key,
+                    "`@archive` needs a [storage] section (its bucket and object name)",
+                )
+            }
+            crate::hook::DEFAULT_TOPIC => {
+                if !topics.contains(default_topic) {
+                    topics.push(default_topic.clone());
+                }
+            }
+            t if t.starts_with("gs://") => {
+                return at.invalid(
+                    d.span(),
+                    key,
+                    format!("`{t}`: a default destination writes many messages, so it names `@archive` (its object name is filled in per message), not one object"),
+                )
+            }
+            t => {
+                let topic = TopicName::parse(project, t).or_else(|m| at.invalid(d.span(), key, m))?;
+                if !topics.contains(&topic) {
+                    topics.push(topic);
+                }
+            }
+        }
+    }
+    if topics.is_empty() && !archive {
+        return at.invalid(
+            list.span(),
+            key,
+            "names no destination (drop messages with a hook instead)",
+        );
+    }
+    Ok(Destinations { topics, archive })
+}

@@ -79,6 +79,10 @@ impl<'a> MessageView<'a> {
 /// and others. Not a valid Pub/Sub topic id, so it can't clash with one.
 pub const DEFAULT_TOPIC: &str = "@default";
 
+/// The object destination a hook may name for the `[storage]` bucket and
+/// its object name template.
+pub const ARCHIVE_OBJECT: &str = "@archive";
+
 /// What to do with one message.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Decision {
@@ -87,6 +91,11 @@ pub struct Decision {
     /// Destination topics (ids or full names); empty means the configured
     /// default topic. More than one fans the message out.
     pub topics: Vec<String>,
+    /// Cloud Storage objects to write the payload to: `@archive` (the
+    /// `[storage]` bucket and object template) or `gs://bucket/name`. A
+    /// decision that names neither topics nor objects goes to the configured
+    /// default destinations (`[destinations] default`).
+    pub objects: Vec<String>,
     /// Attributes to add to the core's (hook attributes win on a clash).
     pub attributes: Vec<(String, String)>,
     /// A Pub/Sub ordering key; `None` for unordered publishing.

@@ -8,6 +8,7 @@ use crate::hook::Decision;
 pub struct Returned {
     pub keep: Option<bool>,
     pub topics: Vec<String>,
+    pub objects: Vec<String>,
     pub attributes: Vec<(String, String)>,
     pub ordering_key: Option<String>,
 }
@@ -17,6 +18,7 @@ impl Returned {
         Decision {
             keep: self.keep.unwrap_or(true),
             topics: self.topics,
+            objects: self.objects,
             attributes: self.attributes,
             ordering_key: self.ordering_key.filter(|k| !k.is_empty()),
         }
@@ -24,7 +26,15 @@ impl Returned {
 }
 
 /// The keys a returned map may have.
-pub const DECISION_KEYS: &[&str] = &["keep", "topic", "topics", "attributes", "ordering_key"];
+pub const DECISION_KEYS: &[&str] = &[
+    "keep",
+    "topic",
+    "topics",
+    "object",
+    "objects",
+    "attributes",
+    "ordering_key",
+];
 
 /// A number as attribute text, the same in both engines: integers in floats
 /// keep one decimal (`1.0`), others their shortest exact form (`0.55`).

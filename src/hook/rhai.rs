@@ -508,6 +508,19 @@ impl RhaiHook {
                         .ok_or_else(|| self.error("`topics` must be an array".into()))?;
                     r.topics.extend(self.strings(list, "`topics`")?);
                 }
+                "object" => {
+                    if !v.is_unit() {
+                        r.objects.push(v.into_string().map_err(|t| {
+                            self.error(format!("`object` must be a string, not {t}"))
+                        })?);
+                    }
+                }
+                "objects" => {
+                    let list = v
+                        .try_cast::<Array>()
+                        .ok_or_else(|| self.error("`objects` must be an array".into()))?;
+                    r.objects.extend(self.strings(list, "`objects`")?);
+                }
                 "attributes" => {
                     let attrs = v
                         .try_cast::<Map>()

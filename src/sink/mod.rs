@@ -1,3 +1,5 @@
-//! Where messages go. One sink today: Google Cloud Pub/Sub.
+//! Where messages go: Google Cloud Pub/Sub topics (which also fan a
+//! message out to its objects) and Cloud Storage objects.
 
 pub(crate) mod pubsub;
+pub(crate) mod storage;

@@ -112,12 +112,17 @@ pub enum SinkError {
 #[derive(Debug)]
 pub struct Delivery {
     pub envelope: Envelope,
-    /// At least one.
+    /// With `objects`, at least one destination.
     pub topics: Vec<TopicName>,
     pub attributes: Attributes,
     /// The hook's attributes, kept to rebuild the message for a retry.
     pub hook_attributes: Vec<(String, String)>,
     pub ordering_key: Option<String>,
+    /// Cloud Storage objects to write the payload to, beside the topics.
+    pub objects: Vec<crate::objects::ObjectName>,
+    /// The alert's BigQuery JSON form, for the `[bigquery] topics` among
+    /// `topics`.
+    pub json: Option<Bytes>,
 }
 
 /// The most publishers kept per map (the sink's, each worker's): a hook
@@ -159,6 +164,10 @@ pub struct PubsubSink {
     acks: Sender<Ack>,
     shutdown: Arc<Shutdown>,
     metrics: Arc<Metrics>,
+    /// Cloud Storage, when `[storage]` is configured.
+    objects: Option<Arc<crate::sink::storage::ObjectSink>>,
+    /// Topics whose messages carry the JSON form, not the payload.
+    json_topics: std::collections::HashSet<TopicName>,
 }
 
 fn credentials(endpoint: &Endpoint) -> Option<google_cloud_auth::credentials::Credentials> {
@@ -266,6 +275,12 @@ impl PubsubSink {
         shutdown: Arc<Shutdown>,
         metrics: Arc<Metrics>,
     ) -> Result<PubsubSink, SinkError> {
+        let objects = match &config.storage {
+            Some(storage) if !config.pipeline.discard => Some(Arc::new(
+                crate::sink::storage::ObjectSink::connect(storage, Arc::clone(&metrics)).await?,
+            )),
+            _ => None,
+        };
         let mut builder = BasePublisher::builder().with_retry_policy(
             google_cloud_pubsub::retry_policy::RetryableErrors.with_time_limit(CRATE_RETRY_LIMIT),
         );
@@ -291,7 +306,14 @@ impl PubsubSink {
             acks,
             shutdown,
             metrics,
+            objects,
+            json_topics: config.bigquery.topics.iter().cloned().collect(),
         })
+    }
+
+    /// Whether a topic's messages are the JSON form.
+    pub fn is_json(&self, topic: &TopicName) -> bool {
+        self.json_topics.contains(topic)
     }
 
     /// The shared publisher of a topic, created on first use.
@@ -359,7 +381,14 @@ impl PubsubSink {
             attributes,
             hook_attributes,
             ordering_key,
+            objects,
+            json,
         } = delivery;
+        let metadata = if objects.is_empty() {
+            None
+        } else {
+            Some(attributes.map.clone())
+        };
         let first = Message::new()
             .set_data(envelope.payload.clone())
             .set_attributes(attributes.map)
@@ -369,10 +398,14 @@ impl PubsubSink {
             envelope,
             hook_attributes,
             ordering_key,
-            remaining: AtomicUsize::new(topics.len()),
+            json,
+            remaining: AtomicUsize::new(topics.len() + objects.len()),
             failed: AtomicBool::new(false),
             refused: Mutex::new(None),
         });
+        if let Some(metadata) = metadata {
+            self.write_objects(&job, objects, metadata);
+        }
         let count = topics.len();
         let mut first = Some(first);
         for (i, (topic, publisher)) in topics
@@ -381,11 +414,14 @@ impl PubsubSink {
             .enumerate()
         {
             // The last destination takes the message; the others get clones.
-            let message = if i + 1 == count {
+            let mut message = if i + 1 == count {
                 first.take().expect("taken once, at the end")
             } else {
                 first.clone().expect("present until the end")
             };
+            if self.is_json(&topic) {
+                message = message.set_data(job.json.clone().unwrap_or_default());
+            }
             if let Some(key) = &key {
                 self.to_lane(
                     &topic,
@@ -401,24 +437,74 @@ impl PubsubSink {
             let sink = Arc::clone(self);
             let job = Arc::clone(&job);
             self.runtime.spawn(async move {
+                let json = sink.is_json(&topic);
                 let delivered = sink
                     .deliver(&publisher, &topic, &job, message, || {
-                        job.rebuild(&sink.options)
+                        job.rebuild(&sink.options, json)
                     })
                     .await;
-                sink.finish(&job, &topic, delivered);
+                sink.finish(&job, topic.as_str(), delivered);
+            });
+        }
+    }
+
+    /// Writes the message's payload to each object, each in its own task;
+    /// each write ends like a topic's delivery (in [`PubsubSink::finish`]).
+    fn write_objects(
+        self: &Arc<Self>,
+        job: &Arc<Job>,
+        objects: Vec<crate::objects::ObjectName>,
+        metadata: HashMap<String, String>,
+    ) {
+        use crate::sink::storage::Written;
+        let Some(storage) = self.objects.clone() else {
+            // The worker names objects only when [storage] is set.
+            for object in objects {
+                self.finish(
+                    job,
+                    &object.to_string(),
+                    Delivered::Refused("no [storage] section is configured".into()),
+                );
+            }
+            return;
+        };
+        let metadata = Arc::new(metadata);
+        for object in objects {
+            let (sink, job, storage, metadata) = (
+                Arc::clone(self),
+                Arc::clone(job),
+                Arc::clone(&storage),
+                Arc::clone(&metadata),
+            );
+            self.runtime.spawn(async move {
+                let written = storage
+                    .write(&object, job.envelope.payload.clone(), &metadata)
+                    .await;
+                let delivered = match written {
+                    Written::Created | Written::Existed => Delivered::Accepted,
+                    Written::Refused(why) => Delivered::Refused(why),
+                    Written::Failed(why) => {
+                        sink.shutdown.fail(Fatal::ObjectFailed {
+                            at: job.envelope.place(),
+                            reason: why,
+                        });
+                        Delivered::Failed
+                    }
+                };
+                sink.finish(&job, &object.to_string(), delivered);
             });
         }
     }
 
     /// One destination is done with a message; the last one acknowledges it
     /// (or sends it to the dead-letter topic, if a destination refused it).
-    fn finish(self: &Arc<Self>, job: &Arc<Job>, topic: &TopicName, delivered: Delivered) {
+    fn finish(self: &Arc<Self>, job: &Arc<Job>, destination: &str, delivered: Delivered) {
         match delivered {
             Delivered::Accepted => {}
             Delivered::Failed => job.failed.store(true, Ordering::SeqCst),
             Delivered::Refused(why) => {
-                *job.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some((topic.clone(), why));
+                *job.refused.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((destination.to_string(), why));
             }
         }
         if job.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
@@ -429,9 +515,9 @@ impl PubsubSink {
         }
         let refused = job.refused.lock().unwrap_or_else(|e| e.into_inner()).take();
         match refused {
-            Some((topic, why)) => {
+            Some((destination, why)) => {
                 self.metrics.refused.fetch_add(1, Ordering::Relaxed);
-                self.dead_letter(job.envelope.clone(), Some(&topic), why, true);
+                self.dead_letter(job.envelope.clone(), Some(&destination), why, true);
             }
             None => self.ack(
                 &job.envelope,
@@ -518,7 +604,7 @@ impl PubsubSink {
                         Ok(_) => {
                             self.metrics.published_to(topic.id(), job.envelope.payload.len(), started.elapsed());
                             delay = RETRY_INITIAL;
-                            self.finish(&job, topic, Delivered::Accepted);
+                            self.finish(&job, topic.as_str(), Delivered::Accepted);
                         }
                         Err(e) => {
                             self.metrics.publish_failed();
@@ -530,7 +616,7 @@ impl PubsubSink {
                                 match f.await {
                                     Ok(_) => {
                                         self.metrics.published_to(topic.id(), j.envelope.payload.len(), started.elapsed());
-                                        self.finish(&j, topic, Delivered::Accepted);
+                                        self.finish(&j, topic.as_str(), Delivered::Accepted);
                                     }
                                     Err(e) => failures.push((j, e)),
                                 }
@@ -541,7 +627,7 @@ impl PubsubSink {
                                     PublishError::Rpc(rpc) if is_refusal(rpc) => {
                                         // Alone, in order (the lane waits).
                                         match self.try_alone(topic, &j, Some(key)).await {
-                                            Some(d) => self.finish(&j, topic, d),
+                                            Some(d) => self.finish(&j, topic.as_str(), d),
                                             None => redo.push_back(j),
                                         }
                                     }
@@ -550,7 +636,7 @@ impl PubsubSink {
                                         // for unkeyed messages, the bridge
                                         // stops, uncommitted.
                                         let d = self.failed_permanently(topic, &j, rpc);
-                                        self.finish(&j, topic, d);
+                                        self.finish(&j, topic.as_str(), d);
                                     }
                                     _ => {
                                         first_error.get_or_insert_with(|| e.to_string());
@@ -573,7 +659,7 @@ impl PubsubSink {
                             }
                             publisher.resume_publish(key);
                             for j in redo {
-                                let future = publisher.publish(j.rebuild(&self.options));
+                                let future = publisher.publish(j.rebuild(&self.options, self.is_json(topic)));
                                 window.push_back((j, future, std::time::Instant::now()));
                             }
                         }
@@ -614,7 +700,10 @@ impl PubsubSink {
             solo.resume_publish(k);
         }
         let started = std::time::Instant::now();
-        match solo.publish(job.rebuild(&self.options)).await {
+        match solo
+            .publish(job.rebuild(&self.options, self.is_json(topic)))
+            .await
+        {
             Ok(_) => {
                 self.metrics.published_to(
                     topic.id(),
@@ -717,7 +806,7 @@ impl PubsubSink {
     pub fn dead_letter(
         self: &Arc<Self>,
         envelope: Envelope,
-        destination: Option<&TopicName>,
+        destination: Option<&str>,
         reason: String,
         with_payload: bool,
     ) {
@@ -762,6 +851,7 @@ impl PubsubSink {
             envelope,
             hook_attributes: Vec::new(),
             ordering_key: None,
+            json: None,
             remaining: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
             refused: Mutex::new(None),
@@ -793,10 +883,12 @@ struct Job {
     envelope: Envelope,
     hook_attributes: Vec<(String, String)>,
     ordering_key: Option<String>,
+    /// The JSON form, for `[bigquery] topics`.
+    json: Option<Bytes>,
     remaining: AtomicUsize,
     failed: AtomicBool,
     /// A destination that refused it alone, and why.
-    refused: Mutex<Option<(TopicName, String)>>,
+    refused: Mutex<Option<(String, String)>>,
 }
 
 /// How one destination ended for a message.
@@ -816,11 +908,15 @@ struct LaneItem {
 
 impl Job {
     /// The message again, for a retry (the crate consumes what it publishes).
-    fn rebuild(&self, options: &AttributeOptions) -> Message {
+    fn rebuild(&self, options: &AttributeOptions, json: bool) -> Message {
         let attrs =
             attributes::build(options, &self.envelope, &self.hook_attributes).unwrap_or_default();
+        let data = match (&self.json, json) {
+            (Some(j), true) => j.clone(),
+            _ => self.envelope.payload.clone(),
+        };
         Message::new()
-            .set_data(self.envelope.payload.clone())
+            .set_data(data)
             .set_attributes(attrs.map)
             .set_ordering_key(self.ordering_key.clone().unwrap_or_default())
     }

@@ -319,6 +319,8 @@ async fn create_pubsub_topic_with(emulator: &str, id: &str, ordered: bool) -> St
 #[derive(Debug, Clone)]
 pub struct Received {
     pub digest: String,
+    /// The message's data.
+    pub data: bytes::Bytes,
     pub len: usize,
     pub attributes: HashMap<String, String>,
     /// Empty when the message has none.
@@ -367,6 +369,7 @@ impl Inbox {
                             h.ack();
                             tx.send(Ok(Received {
                                 digest: digest(&m.data),
+                                data: m.data.clone(),
                                 len: m.data.len(),
                                 attributes: m.attributes.clone(),
                                 ordering_key: m.ordering_key.clone(),
@@ -872,4 +875,185 @@ pub fn http_get(address: &str, path: &str) -> (u16, String) {
         .unwrap_or(0);
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
+}
+
+// ---- Cloud Storage (fake-gcs-server) --------------------------------------
+
+/// The Cloud Storage emulator's URL (`STORAGE_EMULATOR_HOST`, from
+/// `scripts/services.sh`).
+pub fn storage_emulator() -> String {
+    var("STORAGE_EMULATOR_HOST")
+}
+
+/// Creates a bucket in the emulator at `url`.
+pub fn create_bucket(url: &str, bucket: &str) {
+    off_runtime(|| create_bucket_now(url, bucket))
+}
+
+/// Runs blocking HTTP on a thread of its own (reqwest's blocking client
+/// cannot run inside the tests' tokio runtime).
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| s.spawn(f).join().expect("blocking helper"))
+}
+
+fn create_bucket_now(url: &str, bucket: &str) {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{url}/storage/v1/b?project={PROJECT}"))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({ "name": bucket }).to_string())
+        .send()
+        .expect("create bucket");
+    assert!(
+        response.status().is_success(),
+        "create bucket {bucket}: {}",
+        response.status()
+    );
+}
+
+/// An object as the emulator holds it.
+#[derive(Debug, Clone)]
+pub struct StoredObject {
+    pub name: String,
+    pub data: Vec<u8>,
+    pub metadata: HashMap<String, String>,
+    pub generation: String,
+}
+
+/// Every object of a bucket (names under `prefix`), with its bytes.
+pub fn list_objects(url: &str, bucket: &str) -> Vec<StoredObject> {
+    off_runtime(|| list_objects_now(url, bucket))
+}
+
+fn list_objects_now(url: &str, bucket: &str) -> Vec<StoredObject> {
+    let client = reqwest::blocking::Client::new();
+    let mut out = Vec::new();
+    let mut page: Option<String> = None;
+    loop {
+        let mut request = client.get(format!("{url}/storage/v1/b/{bucket}/o"));
+        if let Some(token) = &page {
+            request = request.query(&[("pageToken", token)]);
+        }
+        let body = request.send().expect("list objects").bytes().unwrap();
+        let listing: serde_json::Value = serde_json::from_slice(&body).expect("listing");
+        for item in listing["items"].as_array().cloned().unwrap_or_default() {
+            let name = item["name"].as_str().unwrap().to_string();
+            let data = client
+                .get(format!("{url}/storage/v1/b/{bucket}/o/{}", encode(&name)))
+                .query(&[("alt", "media")])
+                .send()
+                .expect("read object")
+                .bytes()
+                .unwrap()
+                .to_vec();
+            let metadata = item["metadata"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(StoredObject {
+                name,
+                data,
+                metadata,
+                generation: item["generation"].as_str().unwrap_or_default().to_string(),
+            });
+        }
+        match listing["nextPageToken"].as_str() {
+            Some(t) if !t.is_empty() => page = Some(t.to_string()),
+            _ => break,
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Writes an object directly (as another writer would have).
+pub fn put_object(url: &str, bucket: &str, name: &str, data: &[u8]) {
+    off_runtime(|| put_object_now(url, bucket, name, data))
+}
+
+fn put_object_now(url: &str, bucket: &str, name: &str, data: &[u8]) {
+    let response = reqwest::blocking::Client::new()
+        .post(format!("{url}/upload/storage/v1/b/{bucket}/o"))
+        .query(&[("uploadType", "media"), ("name", name)])
+        .body(data.to_vec())
+        .send()
+        .expect("put object");
+    assert!(
+        response.status().is_success(),
+        "put {name}: {}",
+        response.status()
+    );
+}
+
+fn encode(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A fake-gcs-server of a test's own (to stop and start it), on `port`.
+pub struct PrivateStorage {
+    child: Option<Child>,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateStorage {
+    pub fn start_on(port: u16) -> PrivateStorage {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("gcs.log")).unwrap();
+        let child = Command::new(var("ZTFHOOK_FAKE_GCS"))
+            .args([
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-backend",
+                "memory",
+                "-log-level",
+                "warn",
+            ])
+            .args(["-port", &port.to_string()])
+            .args(["-public-host", &format!("127.0.0.1:{port}")])
+            .args(["-external-url", &format!("http://127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start fake-gcs-server");
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while off_runtime(|| reqwest::blocking::get(format!("{url}/storage/v1/b")).is_err()) {
+            assert!(
+                Instant::now() < deadline,
+                "fake-gcs-server did not start on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        PrivateStorage {
+            child: Some(child),
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateStorage {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -287,6 +287,11 @@ unsafe fn read_field(state: *mut lua_State, out: &mut Returned) -> Result<(), St
             require(state, ffi::LUA_TTABLE, "`topics` must be a table")?;
             texts(state, ffi::lua_gettop(state), "`topics`", &mut out.topics)?;
         }
+        b"object" => out.objects.push(text(state, -1, &|| "`object`".into())?),
+        b"objects" => {
+            require(state, ffi::LUA_TTABLE, "`objects` must be a table")?;
+            texts(state, ffi::lua_gettop(state), "`objects`", &mut out.objects)?;
+        }
         b"attributes" => {
             require(state, ffi::LUA_TTABLE, "`attributes` must be a table")?;
             read_attributes(state, ffi::lua_gettop(state), out)?;
