@@ -64,10 +64,10 @@ for _ in $(seq 100); do grep -q bootstrap= "$WORK/mock.out" 2>/dev/null && break
 MOCK=$(sed -n 's/^bootstrap=//p' "$WORK/mock.out")
 echo "bench: mock broker at $MOCK" >&2
 want() { [[ " ${SECTIONS:-ztf rubin latency tansu replay} " == *" $1 "* ]]; }
-if want ztf; then
+if want ztf || want destinations; then
   $X/load_alerts --bootstrap "$MOCK" --topic ztf_20260101_programid1 --partitions $PARTITIONS --copies "$N_ZTF" tests/data/alerts/ztf >&2
 fi
-want rubin && $X/load_alerts --bootstrap "$MOCK" --topic lsst-alerts-v9 --partitions $PARTITIONS --copies "$N_RUBIN" \
+{ want rubin || want destinations; } && $X/load_alerts --bootstrap "$MOCK" --topic lsst-alerts-v9 --partitions $PARTITIONS --copies "$N_RUBIN" \
   tests/data/alerts/rubin/lsst_v9_0_wire_*.avro >&2
 ZTF_N=$((23 * N_ZTF))
 RUBIN_N=$((4 * N_RUBIN))
@@ -137,7 +137,7 @@ run_raw_publish() { # NAME N MB FILES...
 # run_ztfhook RUN BOOTSTRAP TOPIC N MB [script=FILE] [sink=discard] [subscribe]
 run_ztfhook() {
   local run=$1 bootstrap=$2 topic=$3 n=$4 mb=$5; shift 5
-  local script="" sink=pubsub subscribe="" broker_pid=$MOCK_PID broker=mock loader="" loader_pid=""
+  local script="" sink=pubsub subscribe="" broker_pid=$MOCK_PID broker=mock loader="" loader_pid="" json="" archive=""
   for a in "$@"; do
     case $a in
       script=*) script=${a#script=} ;;
@@ -145,6 +145,8 @@ run_ztfhook() {
       subscribe) subscribe=subscribe ;;
       tansu) broker_pid=$(pgrep -f "tansu.*$ZTFHOOK_TEST_BOOTSTRAP" | head -1); broker=tansu ;;
       loader=*) loader=${a#loader=} ;;
+      json) json=1 ;;
+      archive=*) archive=${a#archive=} ;;
     esac
   done
   local id ps port cfg
@@ -175,6 +177,23 @@ schema_dir = "$ROOT/tests/data/schemas/lsst"
 listen = "127.0.0.1:$port"
 EOF
   if [[ -n $script ]]; then printf '\n[hook]\nscript = "%s"\n' "$ROOT/$script" >>"$cfg"; fi
+  # Beside the raw topic: the BigQuery JSON form to a second topic, and
+  # (archive=TEMPLATE) every alert to an object in fake-gcs-server.
+  local defaults='"@default"'
+  if [[ -n $json ]]; then
+    pubsub_topic "$ps-json"
+    printf '\n[bigquery]\ntopics = ["%s"]\nkafka_columns = true\n' "$ps-json" >>"$cfg"
+    defaults+=", \"$ps-json\""
+  fi
+  if [[ -n $archive ]]; then
+    local bucket=${ps%%-}
+    bucket=${bucket%-}
+    curl -sf -X POST -H 'content-type: application/json' -d "{\"name\":\"$bucket\"}" \
+      "$STORAGE_EMULATOR_HOST/storage/v1/b?project=$PROJECT" >/dev/null
+    printf '\n[storage]\nbucket = "%s"\nobject = "%s"\n' "$bucket" "$archive" >>"$cfg"
+    defaults+=', "@archive"'
+  fi
+  printf '\n[destinations]\ndefault = [%s]\n' "$defaults" >>"$cfg"
   local b0 start="" pid done_at
   mark
   b0=$(cpu_of "$broker_pid")
@@ -257,7 +276,7 @@ rep() {
   CSV=$all
 }
 
-if want ztf || want rubin; then
+if want ztf || want rubin || want destinations; then
 echo "bench: warming the emulator up (not recorded)" >&2
 run_raw_publish warmup "$ZTF_N" "$ZTF_MB" tests/data/alerts/ztf
 : >"$WORK/warm.csv"; head -1 "$CSV" >"$WORK/warm.csv"; mv "$WORK/warm.csv" "$CSV"
@@ -287,6 +306,26 @@ rep run_minimal "minimal bridge (rubin)" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB"
 rep run_ztfhook "ztfhook pass-through (rubin)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB"
 rep run_ztfhook "ztfhook decoding (lsst_solar_system.rhai)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB" script=scripts/lsst_solar_system.rhai
 rep run_python "Python bridge (rubin)" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB"
+
+fi
+if want destinations; then
+# One Kafka connection, every destination (issue 15's recipe), beside the
+# pass-through of the same run: the raw topic plus the BigQuery JSON topic,
+# then plus the archive in Cloud Storage (fake-gcs-server, in memory).
+GCS_PID=$(pgrep -f "fake-gcs-server.*${STORAGE_EMULATOR_HOST##*:}" | head -1)
+echo "bench: destinations, ZTF and Rubin" >&2
+rep run_ztfhook "ztfhook pass-through (destinations run)" "$MOCK" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB"
+rep run_ztfhook "ztfhook raw + BigQuery JSON" "$MOCK" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB" json
+g0=$(cpu_of "$GCS_PID")
+rep run_ztfhook "ztfhook raw + JSON + archive" "$MOCK" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB" json \
+  "archive={kafka.topic}/{objectId}/{candid}.avro"
+echo "bench: fake-gcs-server CPU during the ZTF archive run: $(calc "$(cpu_of "$GCS_PID") - $g0") s" >&2
+rep run_ztfhook "ztfhook pass-through (rubin, destinations run)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB"
+rep run_ztfhook "ztfhook raw + BigQuery JSON (rubin)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB" json
+g0=$(cpu_of "$GCS_PID")
+rep run_ztfhook "ztfhook raw + JSON + archive (rubin)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB" json \
+  "archive={kafka.topic}/{diaSource.diaObjectId}/{diaSource.diaSourceId}.avro"
+echo "bench: fake-gcs-server CPU during the Rubin archive run: $(calc "$(cpu_of "$GCS_PID") - $g0") s" >&2
 
 fi
 if want latency; then
