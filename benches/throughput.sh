@@ -320,7 +320,7 @@ g0=$(cpu_of "$GCS_PID")
 rep run_ztfhook "ztfhook raw + JSON + archive" "$MOCK" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB" json \
   "archive={kafka.topic}/{objectId}/{candid}.avro"
 echo "bench: fake-gcs-server CPU during the ZTF archive run: $(calc "$(cpu_of "$GCS_PID") - $g0") s" >&2
-rep run_ztfhook "ztfhook pass-through (rubin, destinations run)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB"
+rep run_ztfhook "ztfhook pass-through (rubin; destinations run)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB"
 rep run_ztfhook "ztfhook raw + BigQuery JSON (rubin)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB" json
 g0=$(cpu_of "$GCS_PID")
 rep run_ztfhook "ztfhook raw + JSON + archive (rubin)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB" json \

@@ -20,7 +20,11 @@
 //! source/consumer.rs the consumer loop: owns assignment, pause state, the ledger and commits,
 //!                    behind the Source/Partitions traits (librdkafka, or a fake in its tests)
 //! source/kafka.rs    librdkafka: consumer creation, subscription, rebalance callbacks
-//! sink/pubsub.rs     publishers per topic, Pub/Sub limits, retries, health check
+//! sink/pubsub.rs     publishers per topic, Pub/Sub limits, retries, health check; the
+//!                    fan-out of one message to its topics and objects
+//! sink/storage.rs    Cloud Storage object writes (create-only, retried, bounded)
+//! objects.rs         object names and the `[storage] object` template
+//! alert/bigquery.rs  the BigQuery JSON form of an alert and its table schema
 //! archive/           alert archives (tarballs, directories) for `replay` and `check`: the
 //!                    members in a stable order, the checkpoint, the progress line, and
 //!                    archive/source.rs: the archives as the consumer loop's Source
@@ -36,7 +40,8 @@
 //!
 //! At least once. Every message the consumer receives is registered with the
 //! [`offsets::OffsetTracker`] before it is handed to a worker. A message is
-//! acknowledged when Pub/Sub has accepted it (for every destination topic), or
+//! acknowledged when Pub/Sub has accepted it (for every destination topic) and
+//! Cloud Storage has every object it is written to, or
 //! when the hook dropped it on purpose. The offset committed for a partition is
 //! always one past the highest offset below which *every* message has been
 //! acknowledged, so a crash at any point re-delivers, and never skips, what

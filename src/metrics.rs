@@ -127,6 +127,9 @@ pub struct Metrics {
     pub object_bytes: AtomicU64,
     /// Messages converted to the BigQuery JSON form.
     pub json_converted: AtomicU64,
+    /// As `failing_since_ms`, for Cloud Storage writes (kept apart, so that
+    /// objects written do not hide a Pub/Sub outage, nor the reverse).
+    pub storage_failing_since_ms: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -164,6 +167,7 @@ impl Default for Metrics {
             objects_existing: AtomicU64::new(0),
             object_bytes: AtomicU64::new(0),
             json_converted: AtomicU64::new(0),
+            storage_failing_since_ms: AtomicU64::new(0),
         }
     }
 }
@@ -208,13 +212,21 @@ impl Metrics {
     /// Records an object written (or found there already) in Cloud Storage.
     pub fn object_written(&self, bytes: usize, latency: Duration, existed: bool) {
         self.publish_latency.observe(latency);
-        self.failing_since_ms.store(0, Relaxed);
+        self.storage_failing_since_ms.store(0, Relaxed);
         if existed {
             self.objects_existing.fetch_add(1, Relaxed);
         } else {
             self.objects_created.fetch_add(1, Relaxed);
             self.object_bytes.fetch_add(bytes as u64, Relaxed);
         }
+    }
+
+    /// Records a failed object write.
+    pub fn object_failed(&self) {
+        let now = self.started.elapsed().as_millis().max(1) as u64;
+        let _ = self
+            .storage_failing_since_ms
+            .compare_exchange(0, now, Relaxed, Relaxed);
     }
 
     /// Records a failed publish attempt.
@@ -242,17 +254,22 @@ impl Metrics {
         {
             return Err(format!("stalled: {why}"));
         }
-        let since = self.failing_since_ms.load(Relaxed);
-        if since > 0 {
-            let failing = self
-                .started
-                .elapsed()
-                .saturating_sub(Duration::from_millis(since));
-            if failing >= UNHEALTHY_AFTER {
-                return Err(format!(
-                    "publishing to Pub/Sub has failed for {}s without a success",
-                    failing.as_secs()
-                ));
+        for (since, what) in [
+            (&self.failing_since_ms, "publishing to Pub/Sub"),
+            (&self.storage_failing_since_ms, "writing to Cloud Storage"),
+        ] {
+            let since = since.load(Relaxed);
+            if since > 0 {
+                let failing = self
+                    .started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since));
+                if failing >= UNHEALTHY_AFTER {
+                    return Err(format!(
+                        "{what} has failed for {}s without a success",
+                        failing.as_secs()
+                    ));
+                }
             }
         }
         Ok(())
@@ -512,5 +529,20 @@ mod tests {
         assert_eq!(map.len(), MAX_TOPIC_SERIES + 1);
         assert_eq!(map[OTHER_TOPICS].messages, 100);
         assert_eq!(map["topic-0"].messages, 2);
+    }
+
+    #[test]
+    fn cloud_storage_failing_is_unhealthy_even_while_pubsub_accepts() {
+        let m = Metrics {
+            started: Instant::now() - Duration::from_secs(120),
+            ..Metrics::default()
+        };
+        m.assigned_partitions.store(1, Relaxed);
+        m.storage_failing_since_ms.store(1, Relaxed);
+        m.published_to("t", 10, Duration::ZERO);
+        let why = m.health().unwrap_err();
+        assert!(why.contains("Cloud Storage"), "{why}");
+        m.object_written(10, Duration::ZERO, false);
+        assert!(m.health().is_ok());
     }
 }

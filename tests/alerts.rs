@@ -775,3 +775,39 @@ fn rubin_schemas_come_from_a_registry_once_per_id() {
     );
     assert_eq!(v9.len(), 5);
 }
+
+#[test]
+fn the_pipeline_script_sends_each_survey_to_its_raw_and_json_topics_and_the_archive() {
+    let d = both("alert_pipeline");
+    for z in ZTF {
+        let got = &d[z.file];
+        assert_eq!(
+            got["topics"],
+            json!(["ztf-alerts", "ztf-alerts-bigquery"]),
+            "{}",
+            z.file
+        );
+        assert_eq!(got["objects"], json!(["@archive"]), "{}", z.file);
+    }
+    for r in RUBIN {
+        let got = &d[r.file];
+        assert_eq!(
+            got["topics"],
+            json!(["lsst-alerts", "lsst-alerts-bigquery"]),
+            "{}",
+            r.file
+        );
+        let objects = got["objects"].as_array().unwrap();
+        assert_eq!(objects.len(), 1, "{}", r.file);
+        let name = objects[0].as_str().unwrap();
+        assert!(name.starts_with("gs://my-alert-archive/"), "{name}");
+        assert!(
+            name.ends_with(".avro") && !name.contains("//ztf") && !name.contains("/nil/"),
+            "{name}"
+        );
+        if let Some(id) = r.file.strip_prefix("lsst_v9_0_wire_") {
+            // The real LSSTCam samples are named by their diaSourceId.
+            assert!(name.ends_with(&format!("/{id}")), "{name}");
+        }
+    }
+}

@@ -322,3 +322,34 @@ async fn a_hook_names_objects_and_a_refused_one_takes_the_error_policy_alone() {
     }
     bridge.stop();
 }
+
+#[test]
+fn the_shipped_pipeline_config_names_the_three_destinations() {
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ztf-pipeline.toml"),
+    )
+    .unwrap();
+    let (ok, out) = check_config(&shipped, &[("ZTF_ARCHIVE_BUCKET", "broker-ztf-archive")]);
+    assert!(ok, "{out}");
+    assert!(out.contains("broker-ztf-archive"), "{out}");
+    assert!(out.contains("archive: true"), "{out}");
+    assert!(out.contains("ztf-alerts-bigquery"), "{out}");
+    // Without [storage], @archive is refused by name.
+    let cut = shipped.replace("[storage]", "[unused]");
+    let without: String = cut
+        .lines()
+        .filter(|l| {
+            !l.starts_with("bucket")
+                && !l.starts_with("object")
+                && !l.starts_with("max_concurrent")
+                && !l.starts_with("[unused]")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let (ok, out) = check_config(&without, &[]);
+    assert!(!ok);
+    assert!(
+        out.contains("destinations.default") && out.contains("[storage]"),
+        "{out}"
+    );
+}

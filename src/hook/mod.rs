@@ -3,7 +3,8 @@
 //!
 //! Invariants:
 //! - a hook never sees or changes the payload bytes that are published: the
-//!   core publishes the Kafka value untouched;
+//!   core publishes the Kafka value untouched (to `[bigquery] topics`, the
+//!   JSON form the core makes of it);
 //! - each worker thread owns its own hook instance (built by a
 //!   [`HookFactory`]), so a hook needs no locking and may keep state;
 //! - [`Decision::pass`] (the default) publishes to the configured topic with

@@ -5,7 +5,8 @@
 //!   topic batches on its own (`batching.*`) over one gRPC channel pool;
 //! - every message handed to [`PubsubSink::publish`] ends in exactly one
 //!   [`Ack`]: `Published` once Pub/Sub returned a message id for every
-//!   destination, `DeadLettered` when Pub/Sub refused it (alone: a refused
+//!   destination topic and Cloud Storage has every object
+//!   ([`crate::sink::storage`]), `DeadLettered` when Pub/Sub refused it (alone: a refused
 //!   request is retried message by message, so only the culprit takes the
 //!   error policy), or `Failed` after a permanent error (which also stops the
 //!   bridge). Transient errors are retried with backoff, without limit: a

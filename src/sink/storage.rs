@@ -190,7 +190,7 @@ impl ObjectSink {
                     ))
                 }
                 _ => {
-                    self.metrics.publish_failed();
+                    self.metrics.object_failed();
                     attempt += 1;
                     self.metrics
                         .retries
