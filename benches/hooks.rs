@@ -154,7 +154,7 @@ fn decoding(c: &mut Criterion) {
             b.iter(|| {
                 let alert = decoder.decode(&envelope.payload).unwrap();
                 out.clear();
-                ztfhook::alert::bigquery::write_json(&alert, None, &mut out).unwrap();
+                ztfhook::alert::bigquery::write_json(&alert, None, usize::MAX, &mut out).unwrap();
                 out.len()
             })
         });

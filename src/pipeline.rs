@@ -45,6 +45,10 @@ use crate::source::subscription::{Clock, Subscription, SystemClock};
 const QUEUE_PER_WORKER: usize = 64;
 /// Room in a publish request for the topic name and the message's framing.
 const REQUEST_OVERHEAD: usize = 1_024;
+/// The most topics, and the most objects, one decision may name.
+const MAX_DESTINATIONS: usize = 100;
+/// Cloud Storage's limit on an object's custom metadata (keys and values).
+const MAX_OBJECT_METADATA: usize = 8 * 1024;
 
 /// Why the bridge stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -579,7 +583,8 @@ impl Worker {
                 .iter()
                 .any(|o| o == crate::hook::ARCHIVE_OBJECT)
         };
-        let json = !self.discard && topics.iter().any(|t| self.sink.is_json(t));
+        // Made in a dry run too, so that it shows its failures.
+        let json = topics.iter().any(|t| self.sink.is_json(t));
         let (objects, json) = match self.extras(&envelope, &named_objects, archive, json) {
             Ok(x) => x,
             Err(why) => return self.hook_failed(envelope, why),
@@ -588,6 +593,13 @@ impl Worker {
             Ok(a) => a,
             Err(v) => return self.hook_failed(envelope, format!("hook attributes: {v}")),
         };
+        if !objects.is_empty() && attrs.size() > MAX_OBJECT_METADATA {
+            let reason = format!(
+                "its attributes are {} bytes, over Cloud Storage's {MAX_OBJECT_METADATA}-byte limit on an object's custom metadata",
+                attrs.size()
+            );
+            return self.hook_failed(envelope, reason);
+        }
         self.send(
             envelope,
             Destinations {
@@ -612,9 +624,16 @@ impl Worker {
         archive: bool,
         json: bool,
     ) -> Result<(Vec<crate::objects::ObjectName>, Option<bytes::Bytes>), String> {
-        let mut objects = Vec::new();
+        if named.len() > MAX_DESTINATIONS {
+            return Err(format!(
+                "the hook named {} objects; at most {MAX_DESTINATIONS} per message",
+                named.len()
+            ));
+        }
+        let mut objects: Vec<crate::objects::ObjectName> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for o in named {
-            if o == crate::hook::ARCHIVE_OBJECT {
+            if o == crate::hook::ARCHIVE_OBJECT || !seen.insert(o.as_str()) {
                 continue;
             }
             if self.storage.is_none() {
@@ -622,10 +641,7 @@ impl Worker {
                     "hook object `{o}`: objects need a [storage] section in the config"
                 ));
             }
-            let object = crate::objects::ObjectName::parse(o).map_err(|e| format!("hook {e}"))?;
-            if !objects.contains(&object) {
-                objects.push(object);
-            }
+            objects.push(crate::objects::ObjectName::parse(o).map_err(|e| format!("hook {e}"))?);
         }
         let template = match (&self.storage, archive) {
             (Some(s), true) => Some(s),
@@ -655,7 +671,17 @@ impl Worker {
             None
         };
         if let Some(storage) = template {
-            let name = storage.object.fill(envelope, alert.as_ref())?;
+            let name = match storage.object.fill(envelope, alert.as_ref()) {
+                // A head-only decode reads only the fields before the first
+                // array: a template field after it needs the whole alert.
+                Err(_) if alert.as_ref().is_some_and(|a| !a.is_complete()) => {
+                    let whole = self.decoder.decode(&envelope.payload).map_err(|e| {
+                        format!("the object name needs the alert, and the payload does not decode as one: {e}")
+                    })?;
+                    storage.object.fill(envelope, Some(&whole))?
+                }
+                filled => filled?,
+            };
             let object = crate::objects::ObjectName {
                 bucket: Arc::clone(&storage.bucket),
                 name,
@@ -673,9 +699,13 @@ impl Worker {
                     offset: envelope.archive.is_none().then_some(envelope.offset),
                     timestamp_ms: envelope.timestamp_ms,
                 };
+                // Bounded: a small payload can make a large JSON form (long
+                // field names of null values), and Pub/Sub takes 10 MB.
+                let limit = MAX_MESSAGE_BYTES - REQUEST_OVERHEAD;
                 crate::alert::bigquery::write_json(
                     alert,
                     self.kafka_columns.then_some(&kafka),
+                    limit,
                     &mut out,
                 )
                 .map_err(|e| format!("the BigQuery JSON form: {e}"))?;
@@ -819,6 +849,12 @@ impl Worker {
         if named.is_empty() {
             // Objects only.
             return Ok((Vec::new(), Vec::new()));
+        }
+        if named.len() > MAX_DESTINATIONS {
+            return Err(format!(
+                "the hook named {} topics; at most {MAX_DESTINATIONS} per message",
+                named.len()
+            ));
         }
         let mut topics = Vec::with_capacity(named.len());
         let mut publishers = Vec::with_capacity(named.len());
@@ -1082,5 +1118,131 @@ mod tests {
         };
         let decided = worker.hook.decide(&MessageView::new(&view)).unwrap();
         assert!(decided.keep);
+    }
+
+    /// A worker whose config has `[storage]` (a dry run, so no client is
+    /// made) and the Rubin schemas, with `extra` appended.
+    async fn storage_worker(object: &str, extra: &str) -> Worker {
+        let text = format!(
+            "{}\n[pipeline]\nsink = \"discard\"\n[alerts]\nschema_dir = \"{}/tests/data/schemas/lsst\"\n[storage]\nbucket = \"my-bucket\"\nobject = \"{object}\"\n{extra}",
+            crate::config::tests::MINIMAL,
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let Parts {
+            config,
+            acks,
+            metrics,
+            shutdown,
+            sink,
+            ..
+        } = parts(&text).await;
+        Worker::new(
+            &config,
+            Box::new(crate::hook::Passthrough),
+            Arc::new(crate::hook::Passthrough),
+            sink,
+            acks,
+            metrics,
+            shutdown,
+        )
+    }
+
+    fn sample(file: &str) -> Envelope {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/alerts")
+            .join(file);
+        Envelope {
+            topic: Arc::from("lsst-alerts"),
+            payload: std::fs::read(path).unwrap().into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn an_object_name_field_after_the_alerts_head_is_found_in_every_alert_not_only_the_first()
+    {
+        let worker = storage_worker("{diaObject.diaObjectId}.avro", "").await;
+        let envelope = sample("rubin/pgc_lsst.v7_0.avro");
+        let archive = ["@archive".to_string()];
+        // The first alert of a wire-format schema is decoded whole; later
+        // ones head first (before the fix, those failed: "is not in this alert").
+        for round in 0..3 {
+            let (objects, _) = worker
+                .extras(&envelope, &archive, true, false)
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(objects[0].name, "281323062375219201.avro", "round {round}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_hook_naming_too_many_objects_is_refused_by_count_and_duplicates_are_written_once() {
+        let worker = storage_worker("{kafka.offset}", "").await;
+        let envelope = sample("rubin/pgc_lsst.v7_0.avro");
+        let many: Vec<String> = (0..=MAX_DESTINATIONS)
+            .map(|i| format!("gs://my-bucket/o/{i}"))
+            .collect();
+        let e = worker.extras(&envelope, &many, false, false).unwrap_err();
+        assert!(e.contains("at most 100"), "{e}");
+        let twice = vec![
+            "gs://my-bucket/a".to_string(),
+            "gs://my-bucket/a".to_string(),
+        ];
+        let (objects, _) = worker.extras(&envelope, &twice, true, false).unwrap();
+        let names: Vec<&str> = objects.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["a", "0"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_json_form_over_pubsubs_limit_is_an_error_before_it_is_all_made() {
+        // All-null records with 200-character field names: 1 byte of Avro
+        // per field, ~210 bytes of JSON (before the fix: 1 MB became 212 MB).
+        let fields: Vec<String> = (0..50)
+            .map(|i| {
+                format!(
+                    r#"{{"name":"f{i}_{}","type":["null","double"],"default":null}}"#,
+                    "x".repeat(200)
+                )
+            })
+            .collect();
+        let schema = format!(
+            r#"{{"type":"record","name":"alert","namespace":"h","fields":[{{"name":"objectId","type":"string"}},{{"name":"prv","type":{{"type":"array","items":{{"type":"record","name":"p","fields":[{}]}}}}}}]}}"#,
+            fields.join(",")
+        );
+        fn zigzag(out: &mut Vec<u8>, v: i64) {
+            let mut z = ((v << 1) ^ (v >> 63)) as u64;
+            while z >= 0x80 {
+                out.push((z as u8 & 0x7f) | 0x80);
+                z >>= 7;
+            }
+            out.push(z as u8);
+        }
+        let items = 20_000;
+        let mut datum = Vec::new();
+        zigzag(&mut datum, 1);
+        datum.push(b'a');
+        zigzag(&mut datum, items);
+        datum.resize(datum.len() + 50 * items as usize, 0);
+        zigzag(&mut datum, 0);
+        let mut payload = b"Obj\x01".to_vec();
+        zigzag(&mut payload, 1);
+        zigzag(&mut payload, 11);
+        payload.extend_from_slice(b"avro.schema");
+        zigzag(&mut payload, schema.len() as i64);
+        payload.extend_from_slice(schema.as_bytes());
+        zigzag(&mut payload, 0);
+        payload.extend_from_slice(&[7u8; 16]);
+        zigzag(&mut payload, 1);
+        zigzag(&mut payload, datum.len() as i64);
+        payload.extend_from_slice(&datum);
+        payload.extend_from_slice(&[7u8; 16]);
+        let worker =
+            storage_worker("{kafka.offset}", "[bigquery]\ntopics = [\"alerts-json\"]\n").await;
+        let envelope = Envelope {
+            topic: Arc::from("t"),
+            payload: payload.into(),
+            ..Default::default()
+        };
+        let e = worker.extras(&envelope, &[], false, true).unwrap_err();
+        assert!(e.contains("over") && e.contains("Pub/Sub's limit"), "{e}");
     }
 }

@@ -235,7 +235,7 @@ fn convert_and_check(decoder: &Decoder, payload: &[u8], what: &str) -> Json {
         .decode(&Bytes::copy_from_slice(payload))
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     let mut out = Vec::new();
-    write_json(&alert, None, &mut out).unwrap_or_else(|e| panic!("{what}: {e}"));
+    write_json(&alert, None, usize::MAX, &mut out).unwrap_or_else(|e| panic!("{what}: {e}"));
     let row: Json = serde_json::from_slice(&out).unwrap_or_else(|e| panic!("{what}: {e}"));
     let columns = serde_json::to_value(table_schema(alert.schema(), false).unwrap()).unwrap();
     validate(&row, &columns, "").unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -300,7 +300,7 @@ fn the_kafka_columns_come_last_and_match_the_printed_schema() {
         offset: Some(9_007_199_254_740_993),
         timestamp_ms: None,
     };
-    write_json(&alert, Some(&kafka), &mut out).unwrap();
+    write_json(&alert, Some(&kafka), usize::MAX, &mut out).unwrap();
     let row: Json = serde_json::from_slice(&out).unwrap();
     let columns = serde_json::to_value(table_schema(alert.schema(), true).unwrap()).unwrap();
     validate(&row, &columns, "").unwrap();

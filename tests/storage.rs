@@ -143,52 +143,93 @@ async fn one_connection_feeds_the_raw_topic_the_json_topic_and_the_archive() {
 /// The bridge's /metrics (its config serves them on a free port, which
 /// the log names).
 fn http_get_metrics(bridge: &mut Bridge) -> (u16, String) {
+    http_get(&metrics_address(bridge), "/metrics")
+}
+
+/// Where the bridge serves /metrics, from its log.
+fn metrics_address(bridge: &Bridge) -> String {
     let log = bridge.log_text();
     let address = log
         .lines()
         .find_map(|l| l.split("metrics on http://").nth(1))
         .and_then(|rest| rest.split('/').next())
         .map(str::to_string);
-    match address {
-        Some(a) => http_get(&a, "/metrics"),
-        None => panic!("no metrics address in the log:\n{log}"),
-    }
+    address.unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_object_that_is_there_already_counts_as_written_and_keeps_its_first_copy() {
+async fn an_object_there_already_with_the_same_bytes_counts_as_written_and_one_with_other_bytes_is_kept_and_dead_lettered(
+) {
     let s = services();
     let gcs = storage_emulator();
-    let (topic, group, raw) = (unique("again"), unique("group"), unique("raw"));
+    let (topic, group, raw, dlq) = (
+        unique("again"),
+        unique("group"),
+        unique("raw"),
+        unique("dlq"),
+    );
     let bucket = unique("archive").to_lowercase();
     create_bucket(&gcs, &bucket);
     let cc = kafka_config(&s.bootstrap, &[]);
     create_kafka_topic(&cc, &topic, 1).await;
     let mut inbox = Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &raw).await).await;
+    let mut dead = Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &dlq).await).await;
     let payloads: Vec<Vec<u8>> = ztf_samples().into_iter().take(4).map(|(_, b)| b).collect();
     produce(&cc, &topic, &records(&payloads, 1)).await;
-    // A redelivery's object: offset 1 was written before (a crash before
-    // the commit); its first copy must stay as it is.
-    let first_copy = b"the first copy".to_vec();
-    put_object(&gcs, &bucket, &format!("{topic}/1.avro"), &first_copy);
+    // Offset 1 was archived before a crash, uncommitted: a redelivery. The
+    // name of offset 2 holds other bytes (a template not unique to one
+    // message): they must stay as they are, and the message not count as
+    // archived.
+    put_object(&gcs, &bucket, &format!("{topic}/1.avro"), &payloads[1]);
+    let other = b"another message's bytes".to_vec();
+    put_object(&gcs, &bucket, &format!("{topic}/2.avro"), &other);
+    let before = list_objects(&gcs, &bucket);
 
+    let mut base = BridgeConfig::new(&s.bootstrap, &group, &topic, &raw);
+    base.dead_letter_topic = Some(dlq.clone());
     let config = format!(
-        "{}\n[storage]\nbucket = \"{bucket}\"\nobject = \"{{kafka.topic}}/{{kafka.offset}}.avro\"\n",
-        BridgeConfig::new(&s.bootstrap, &group, &topic, &raw).render()
+        "{}\n[storage]\nbucket = \"{bucket}\"\nobject = \"{{kafka.topic}}/{{kafka.offset}}.avro\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        base.render()
     );
     let mut bridge = Bridge::start_text(&config, &[]);
     let got = inbox.pull(payloads.len(), PULL).await;
     assert_eq!(got.len(), payloads.len(), "log:\n{}", bridge.log_text());
+    let dead_got = dead.pull(1, PULL).await;
+    assert_eq!(dead_got.len(), 1, "log:\n{}", bridge.log_text());
+    assert_eq!(dead_got[0].coordinates().1, 2);
+    assert_eq!(
+        digest(&dead_got[0].data),
+        digest(&payloads[2]),
+        "dead-lettered with its payload"
+    );
+    let error = &dead_got[0].attributes["ztfhook.error"];
+    assert!(error.contains("exists with other content"), "{error}");
     wait_for_commits(&cc, &group, &topic, &[payloads.len() as i64]);
+
     let objects = list_objects(&gcs, &bucket);
     let by_name: BTreeMap<&str, &StoredObject> =
         objects.iter().map(|o| (o.name.as_str(), o)).collect();
     assert_eq!(by_name.len(), payloads.len());
-    assert_eq!(by_name[format!("{topic}/1.avro").as_str()].data, first_copy);
-    for offset in [0, 2, 3] {
+    let first = &before
+        .iter()
+        .find(|o| o.name.ends_with("/1.avro"))
+        .unwrap()
+        .generation;
+    let redelivered = by_name[format!("{topic}/1.avro").as_str()];
+    assert_eq!(
+        &redelivered.generation, first,
+        "the first copy was not written over"
+    );
+    assert_eq!(by_name[format!("{topic}/2.avro").as_str()].data, other);
+    for offset in [0, 1, 3] {
         let o = by_name[format!("{topic}/{offset}.avro").as_str()];
         assert_eq!(digest(&o.data), digest(&payloads[offset]));
     }
+    let (_, metrics) = http_get(&metrics_address(&bridge), "/metrics");
+    assert!(
+        metrics.contains("ztfhook_objects_existing_total 1"),
+        "{metrics}"
+    );
     bridge.stop();
 }
 

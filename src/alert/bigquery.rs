@@ -248,14 +248,17 @@ pub fn table_schema_of_file(
 }
 
 /// Writes the JSON form of a whole decoded alert to `out` (one object, no
-/// newline), with the `kafka_*` columns if given.
+/// newline), with the `kafka_*` columns if given, stopping once it has
+/// written more than `limit` bytes.
 ///
 /// # Errors
-/// [`AvroError`] if the alert was decoded head-only, or a string is not
-/// UTF-8.
+/// [`AvroError`] if the alert was decoded head-only, a string is not UTF-8,
+/// an array holds a NaN or an infinity (BigQuery's arrays hold no null), or
+/// the form is over `limit` bytes.
 pub fn write_json(
     alert: &Alert,
     kafka: Option<&KafkaColumns<'_>>,
+    limit: usize,
     out: &mut Vec<u8>,
 ) -> Result<(), AvroError> {
     if !alert.is_complete() {
@@ -267,7 +270,12 @@ pub fn write_json(
     let Node::Record(id) = schema.root else {
         return Err(AvroError("the schema's root is not a record".into()));
     };
-    let mut writer = Writer { alert, out };
+    let start = out.len();
+    let mut writer = Writer {
+        alert,
+        out,
+        limit: start.saturating_add(limit),
+    };
     writer.record(id, alert.root(), true)?;
     if let Some(k) = kafka {
         writer.out.pop(); // the record's '}'
@@ -291,6 +299,8 @@ pub fn write_json(
 struct Writer<'a> {
     alert: &'a Alert,
     out: &'a mut Vec<u8>,
+    /// The length `out` may not pass.
+    limit: usize,
 }
 
 impl Writer<'_> {
@@ -317,6 +327,7 @@ impl Writer<'_> {
             self.out.push(b':');
             self.value(&f.node, v)
                 .map_err(|e| AvroError(format!("{}: {}", f.name, e.0)))?;
+            self.check_size()?;
         }
         self.out.push(b'}');
         Ok(())
@@ -381,7 +392,16 @@ impl Writer<'_> {
                     if n > 0 {
                         self.out.push(b',');
                     }
+                    if let Value::Float(f) = x {
+                        if !f.is_finite() {
+                            let what = if f.is_nan() { "NaN" } else { "an infinity" };
+                            return Err(AvroError(format!(
+                                "item {n} of an array is {what}: BigQuery's arrays hold no null"
+                            )));
+                        }
+                    }
                     self.value(item, *x)?;
+                    self.check_size()?;
                 }
                 self.out.push(b']');
                 Ok(())
@@ -412,6 +432,16 @@ impl Writer<'_> {
                 "a value that does not match its schema ({node:?})"
             ))),
         }
+    }
+
+    fn check_size(&self) -> Result<(), AvroError> {
+        if self.out.len() > self.limit {
+            return Err(AvroError(format!(
+                "the JSON form is over {} bytes, Pub/Sub's limit on a message",
+                self.limit
+            )));
+        }
+        Ok(())
     }
 
     fn optional_int(&mut self, v: Option<i64>) {

@@ -328,7 +328,7 @@ impl Config {
             Some(raw) => Some(validate_storage(&at, raw)?),
             None => None,
         };
-        let bigquery = validate_bigquery(&at, &pubsub.project, file.bigquery)?;
+        let bigquery = validate_bigquery(&at, &pubsub, file.bigquery)?;
         let destinations = validate_destinations(
             &at,
             &pubsub.project,
@@ -624,5 +624,15 @@ topic = "ztf-alerts"
     fn zero_workers_is_rejected() {
         let e = error(&format!("{MINIMAL}\n[pipeline]\nworkers = 0\n"));
         assert!(e.contains("test.toml:12:11: `pipeline.workers`"), "{e}");
+    }
+
+    #[test]
+    fn a_bigquery_topic_that_is_also_the_raw_default_topic_is_refused() {
+        let text = format!("{MINIMAL}\n[bigquery]\ntopics = [\"ztf-alerts\"]\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("bigquery.topics") && e.contains("pubsub.topic"),
+            "{e}"
+        );
     }
 }

@@ -527,15 +527,32 @@ pub(super) fn validate_storage(
 /// `[bigquery]`: the topics that get the JSON form.
 pub(super) fn validate_bigquery(
     at: &Locator<'_>,
-    project: &str,
+    pubsub: &Pubsub,
     raw: BigqueryConfig,
 ) -> Result<Bigquery, ConfigError> {
     let mut topics = Vec::new();
     for t in &raw.topics {
         let text = expand_env(t.get_ref(), &env_lookup)
             .or_else(|m| at.invalid(t.span(), "bigquery.topics", m))?;
-        let topic = TopicName::parse(project, &text)
+        let topic = TopicName::parse(&pubsub.project, &text)
             .or_else(|m| at.invalid(t.span(), "bigquery.topics", m))?;
+        // The error policies publish the raw alert to these two: a JSON
+        // topic would get bytes its BigQuery subscription cannot read.
+        for (key, other) in [
+            ("pubsub.topic", Some(&pubsub.topic)),
+            (
+                "pubsub.dead_letter_topic",
+                pubsub.dead_letter_topic.as_ref(),
+            ),
+        ] {
+            if other == Some(&topic) {
+                return at.invalid(
+                    t.span(),
+                    "bigquery.topics",
+                    format!("`{text}` is also {key}, which takes the raw alert (hook.on_error = \"passthrough\", dead letters): give the JSON form a topic of its own"),
+                );
+            }
+        }
         if !topics.contains(&topic) {
             topics.push(topic);
         }

@@ -3,17 +3,21 @@
 //!
 //! Invariants:
 //! - every write is create-only (`ifGenerationMatch=0`): an object that is
-//!   there already counts as written, so the redeliveries of at-least-once
-//!   (a restart, a rebalance, a replay) leave the first copy untouched and
-//!   cost one refused request each;
+//!   there already with the same bytes counts as written, so the
+//!   redeliveries of at-least-once (a restart, a rebalance, a replay) leave
+//!   the first copy untouched and cost a refused request and a read each;
+//!   one there with other bytes (a name not unique to one message) is
+//!   refused, left as it is, and the message takes the dead-letter topic;
 //! - the payload is written untouched (shared, not copied), with the
 //!   message's attributes as the object's custom metadata and its CRC32C,
 //!   which Cloud Storage checks before it keeps the object;
 //! - transient errors (timeouts, 429, 5xx, a lost connection) are retried
-//!   with backoff without limit, as for Pub/Sub: an object is never skipped
-//!   because Cloud Storage was unavailable; a refused object name (400)
-//!   takes the error policy; a missing bucket or a permission error is
-//!   permanent and stops the bridge, uncommitted;
+//!   with backoff without limit, as for Pub/Sub (401 too: a token that
+//!   expired in flight): an object is never skipped because Cloud Storage
+//!   was unavailable; a refused object (400) goes to the dead-letter topic,
+//!   as a message Pub/Sub refuses does; a missing bucket or a permission
+//!   error (403) is permanent and stops the bridge, uncommitted (a missing bucket after a
+//!   minute of retries);
 //! - at most `storage.max_concurrent_writes` writes are in flight; the
 //!   pipeline's in-flight limits bound what waits for them.
 
@@ -34,6 +38,10 @@ use crate::sink::pubsub::SinkError;
 const CRATE_RETRY_LIMIT: Duration = Duration::from_secs(10);
 const RETRY_INITIAL: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long a bucket may be missing before that is fatal (as for a Pub/Sub
+/// topic): long enough for an emulator restart or a bucket being made,
+/// short enough that a typo stops the bridge in a minute.
+const NOT_FOUND_GRACE: Duration = Duration::from_secs(60);
 
 /// Where Cloud Storage is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +153,7 @@ impl ObjectSink {
         let bucket = format!("projects/_/buckets/{}", object.bucket);
         let mut delay = RETRY_INITIAL;
         let mut attempt: u64 = 0;
+        let mut missing_since: Option<std::time::Instant> = None;
         let started = std::time::Instant::now();
         // Sent ahead in the request's metadata, so Cloud Storage checks the
         // bytes it stores (and the request has no trailing checksum part,
@@ -168,15 +177,47 @@ impl ObjectSink {
                 Err(e) => e,
             };
             match error.http_status_code() {
-                Some(412) => {
-                    self.metrics.object_written(payload.len(), started.elapsed(), true);
-                    return Written::Existed;
-                }
+                Some(412) => match self.same_content(&bucket, object, &payload, crc).await {
+                    Ok(true) => {
+                        self.metrics.object_written(payload.len(), started.elapsed(), true);
+                        return Written::Existed;
+                    }
+                    Ok(false) => {
+                        return Written::Refused(format!(
+                            "object `{object}` exists with other content (is its name unique to one message?); it was left as it is"
+                        ))
+                    }
+                    Err(e) => {
+                        self.metrics.object_failed();
+                        tracing::warn!(
+                            "object `{object}` exists; reading it back to compare failed, retrying in {delay:?}: {e}"
+                        );
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(RETRY_MAX);
+                    }
+                },
                 Some(400 | 413) => {
                     return Written::Refused(format!(
                         "{} refused object `{object}`: {error}",
                         self.endpoint
                     ))
+                }
+                Some(404)
+                    if missing_since
+                        .get_or_insert_with(std::time::Instant::now)
+                        .elapsed()
+                        < NOT_FOUND_GRACE =>
+                {
+                    self.metrics.object_failed();
+                    attempt += 1;
+                    if attempt == 1 || attempt.is_power_of_two() {
+                        tracing::warn!(
+                            "object `{object}`: bucket `{}` not found (attempt {attempt}); retrying for up to {NOT_FOUND_GRACE:?} in case it is being made",
+                            object.bucket
+                        );
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX);
                 }
                 Some(404) => {
                     return Written::Failed(format!(
@@ -184,7 +225,7 @@ impl ObjectSink {
                         object.bucket, self.endpoint
                     ))
                 }
-                Some(401 | 403) => {
+                Some(403) => {
                     return Written::Failed(format!(
                         "writing `{object}` is not allowed (the service account needs storage.objects.create on the bucket): {error}"
                     ))
@@ -205,6 +246,31 @@ impl ObjectSink {
                 }
             }
         }
+    }
+
+    /// Whether the object already at `object` holds `payload` (a
+    /// redelivery) and not another message's bytes (a name that is not
+    /// unique). Read back whole: a redelivery is rare, and an alert small.
+    async fn same_content(
+        &self,
+        bucket: &str,
+        object: &ObjectName,
+        payload: &Bytes,
+        crc: u32,
+    ) -> Result<bool, google_cloud_storage::Error> {
+        let mut read = self.client.read_object(bucket, &object.name).send().await?;
+        let mut stored = Vec::with_capacity(payload.len());
+        while let Some(chunk) = read.next().await.transpose()? {
+            if stored.len() + chunk.len() > payload.len() {
+                return Ok(false);
+            }
+            stored.extend_from_slice(&chunk);
+        }
+        Ok(
+            stored.len() == payload.len()
+                && crc32c::crc32c(&stored) == crc
+                && stored == payload[..],
+        )
     }
 }
 
