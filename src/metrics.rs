@@ -99,6 +99,9 @@ pub struct Metrics {
     pub per_topic: Mutex<HashMap<String, TopicCounts>>,
     /// From the first publish attempt to Pub/Sub's acknowledgement.
     pub publish_latency: Histogram,
+    /// From the first write attempt to Cloud Storage's answer (created, or
+    /// there already).
+    pub object_latency: Histogram,
     /// Time in the hook, per message.
     pub hook_time: Histogram,
     pub assigned_partitions: AtomicI64,
@@ -152,6 +155,7 @@ impl Default for Metrics {
             partition_lag: Mutex::new(BTreeMap::new()),
             per_topic: Mutex::new(HashMap::new()),
             publish_latency: Histogram::new(PUBLISH_BOUNDS),
+            object_latency: Histogram::new(PUBLISH_BOUNDS),
             hook_time: Histogram::new(HOOK_BOUNDS),
             assigned_partitions: AtomicI64::new(0),
             commit_failures: AtomicU64::new(0),
@@ -211,7 +215,7 @@ impl Metrics {
 
     /// Records an object written (or found there already) in Cloud Storage.
     pub fn object_written(&self, bytes: usize, latency: Duration, existed: bool) {
-        self.publish_latency.observe(latency);
+        self.object_latency.observe(latency);
         self.storage_failing_since_ms.store(0, Relaxed);
         if existed {
             self.objects_existing.fetch_add(1, Relaxed);
@@ -448,6 +452,11 @@ impl Metrics {
             &mut out,
             "ztfhook_publish_latency_seconds",
             "From the first publish attempt to Pub/Sub's acknowledgement.",
+        );
+        self.object_latency.render(
+            &mut out,
+            "ztfhook_object_write_latency_seconds",
+            "From the first write attempt to Cloud Storage's answer (created, or there already).",
         );
         self.hook_time.render(
             &mut out,

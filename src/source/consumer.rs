@@ -758,7 +758,7 @@ impl<S: Source> ConsumerLoop<S> {
         let after = self.settings.stall_after;
         let reason = match oldest {
             Some((k, o, a)) if a >= after => Some(format!(
-                "{k}@{o} has waited {}s for Pub/Sub's acknowledgement (pipeline.stall_after_ms = {})",
+                "{k}@{o} has waited {}s for its destinations' acknowledgement (Pub/Sub, Cloud Storage) (pipeline.stall_after_ms = {})",
                 a.as_secs(),
                 after.as_millis()
             )),
