@@ -227,18 +227,18 @@ impl Metrics {
 
     /// Records a failed object write.
     pub fn object_failed(&self) {
-        let now = self.started.elapsed().as_millis().max(1) as u64;
-        let _ = self
-            .storage_failing_since_ms
-            .compare_exchange(0, now, Relaxed, Relaxed);
+        self.failing_from_now(&self.storage_failing_since_ms);
     }
 
     /// Records a failed publish attempt.
     pub fn publish_failed(&self) {
+        self.failing_from_now(&self.failing_since_ms);
+    }
+
+    /// Marks `since` as failing from now, unless it is failing already.
+    fn failing_from_now(&self, since: &AtomicU64) {
         let now = self.started.elapsed().as_millis().max(1) as u64;
-        let _ = self
-            .failing_since_ms
-            .compare_exchange(0, now, Relaxed, Relaxed);
+        let _ = since.compare_exchange(0, now, Relaxed, Relaxed);
     }
 
     /// `Ok` when partitions are assigned and publishing is not failing for

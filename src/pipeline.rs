@@ -1030,23 +1030,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_hook_naming_a_new_topic_per_message_keeps_a_bounded_number_of_publishers() {
-        let Parts {
-            config,
-            acks,
-            metrics,
-            shutdown,
-            sink,
-            ..
-        } = parts(crate::config::tests::MINIMAL).await;
-        let mut worker = Worker::new(
-            &config,
-            Box::new(crate::hook::Passthrough),
-            Arc::new(crate::hook::Passthrough),
-            Arc::clone(&sink),
-            acks,
-            metrics,
-            shutdown,
-        );
+        let mut worker = passthrough_worker(crate::config::tests::MINIMAL).await;
         let hot = "ztf-hot".to_string();
         for i in 0..3 * MAX_PUBLISHERS {
             let (topics, publishers) = worker
@@ -1054,7 +1038,7 @@ mod tests {
                 .unwrap();
             assert_eq!((topics.len(), publishers.len()), (2, 2));
             assert!(worker.topics.len() <= MAX_PUBLISHERS);
-            assert!(sink.publishers_kept() <= MAX_PUBLISHERS);
+            assert!(worker.sink.publishers_kept() <= MAX_PUBLISHERS);
         }
         assert!(
             worker.topics.contains_key(&hot),
@@ -1128,6 +1112,11 @@ mod tests {
             crate::config::tests::MINIMAL,
             env!("CARGO_MANIFEST_DIR")
         );
+        passthrough_worker(&text).await
+    }
+
+    /// A worker with the pass-through hook, on `text`'s config.
+    async fn passthrough_worker(text: &str) -> Worker {
         let Parts {
             config,
             acks,
@@ -1135,7 +1124,7 @@ mod tests {
             shutdown,
             sink,
             ..
-        } = parts(&text).await;
+        } = parts(text).await;
         Worker::new(
             &config,
             Box::new(crate::hook::Passthrough),

@@ -544,17 +544,7 @@ fn alerts_of_every_schema_with_random_values_convert_to_json_their_table_schema_
 #[test]
 fn bigquery_schema_prints_the_table_of_a_schema_file_and_of_an_alert() {
     let ztf = repo().join("tests/data/schemas/ztf/4.02/alert.avsc");
-    let out = Command::new(common::bin())
-        .args(["bigquery-schema", "--kafka-columns"])
-        .arg(&ztf)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let columns: Json = serde_json::from_slice(&out.stdout).unwrap();
+    let columns = bigquery_schema(&["--kafka-columns".as_ref(), ztf.as_os_str()]);
     let names: Vec<&str> = columns
         .as_array()
         .unwrap()
@@ -590,18 +580,12 @@ fn bigquery_schema_prints_the_table_of_a_schema_file_and_of_an_alert() {
     let dir = tempfile::tempdir().unwrap();
     let alert = dir.path().join("alert.avro");
     std::fs::write(&alert, wire).unwrap();
-    let out = Command::new(common::bin())
-        .args(["bigquery-schema", "--schema-dir"])
-        .arg(repo().join("tests/data/schemas/lsst"))
-        .arg(&alert)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let columns: Json = serde_json::from_slice(&out.stdout).unwrap();
+    let schemas = repo().join("tests/data/schemas/lsst");
+    let columns = bigquery_schema(&[
+        "--schema-dir".as_ref(),
+        schemas.as_os_str(),
+        alert.as_os_str(),
+    ]);
     assert!(columns
         .as_array()
         .unwrap()
@@ -619,4 +603,19 @@ fn bigquery_schema_prints_the_table_of_a_schema_file_and_of_an_alert() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("notes.txt"), "{err}");
+}
+
+/// Runs `ztfhook bigquery-schema ARGS`, which must succeed; its table schema.
+fn bigquery_schema(args: &[&std::ffi::OsStr]) -> Json {
+    let out = Command::new(common::bin())
+        .arg("bigquery-schema")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -13,9 +13,9 @@ use serde_json::Value as Json;
 const PULL: Duration = Duration::from_secs(120);
 
 /// The three destinations of the recipe: raw topic, JSON topic, archive.
-fn three_destinations(base: &BridgeConfig, json_topic: &str, bucket: &str, extra: &str) -> String {
+fn three_destinations(base: &BridgeConfig, json_topic: &str, bucket: &str) -> String {
     format!(
-        "{}\n[storage]\nbucket = \"{bucket}\"\n{extra}\n[bigquery]\ntopics = [\"{json_topic}\"]\nkafka_columns = true\n\n[destinations]\ndefault = [\"@default\", \"{json_topic}\", \"@archive\"]\n",
+        "{}\n[storage]\nbucket = \"{bucket}\"\n\n[bigquery]\ntopics = [\"{json_topic}\"]\nkafka_columns = true\n\n[destinations]\ndefault = [\"@default\", \"{json_topic}\", \"@archive\"]\n",
         base.render()
     )
 }
@@ -24,50 +24,98 @@ fn ztf_samples() -> Vec<(String, Vec<u8>)> {
     sample_alerts("ztf")
 }
 
+/// The first `n` ZTF samples' bytes.
+fn first_samples(n: usize) -> Vec<Vec<u8>> {
+    ztf_samples().into_iter().take(n).map(|(_, b)| b).collect()
+}
+
+/// What each test starts from: fresh names, a bucket in the shared Cloud
+/// Storage emulator (if `make_bucket`), a Kafka topic of `partitions`
+/// holding `payloads` (spread over them in turn), and a subscription to the
+/// raw Pub/Sub topic.
+struct Stage {
+    s: Services,
+    gcs: String,
+    topic: String,
+    group: String,
+    raw: String,
+    bucket: String,
+    cc: rdkafka::ClientConfig,
+    inbox: Inbox,
+    payloads: Vec<Vec<u8>>,
+}
+
+impl Stage {
+    async fn new(
+        prefix: &str,
+        payloads: Vec<Vec<u8>>,
+        partitions: i32,
+        make_bucket: bool,
+    ) -> Stage {
+        let s = services();
+        let gcs = storage_emulator();
+        let (topic, group, raw) = (unique(prefix), unique("group"), unique("raw"));
+        let bucket = unique("archive").to_lowercase();
+        if make_bucket {
+            create_bucket(&gcs, &bucket);
+        }
+        let cc = kafka_config(&s.bootstrap, &[]);
+        create_kafka_topic(&cc, &topic, partitions).await;
+        let inbox = subscribe(&s, &raw).await;
+        produce(&cc, &topic, &records(&payloads, partitions)).await;
+        Stage {
+            s,
+            gcs,
+            topic,
+            group,
+            raw,
+            bucket,
+            cc,
+            inbox,
+            payloads,
+        }
+    }
+}
+
+/// A new Pub/Sub topic, and a subscription to it.
+async fn subscribe(s: &Services, id: &str) -> Inbox {
+    Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, id).await).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_connection_feeds_the_raw_topic_the_json_topic_and_the_archive() {
-    let s = services();
-    let gcs = storage_emulator();
-    let (topic, group, raw, json) = (
-        unique("three"),
-        unique("group"),
-        unique("raw"),
-        unique("json"),
-    );
-    let bucket = unique("archive").to_lowercase();
-    create_bucket(&gcs, &bucket);
-    let cc = kafka_config(&s.bootstrap, &[]);
-    create_kafka_topic(&cc, &topic, 2).await;
-    let mut raw_inbox =
-        Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &raw).await).await;
-    let mut json_inbox =
-        Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &json).await).await;
     let samples = ztf_samples();
-    let payloads: Vec<Vec<u8>> = samples.iter().map(|(_, b)| b.clone()).collect();
-    let recs = records(&payloads, 2);
-    produce(&cc, &topic, &recs).await;
+    let Stage {
+        s,
+        gcs,
+        topic,
+        group,
+        raw,
+        bucket,
+        cc,
+        inbox: mut raw_inbox,
+        payloads,
+    } = Stage::new(
+        "three",
+        samples.iter().map(|(_, b)| b.clone()).collect(),
+        2,
+        true,
+    )
+    .await;
+    let json = unique("json");
+    let mut json_inbox = subscribe(&s, &json).await;
+    let n = payloads.len();
 
     let config = three_destinations(
         &BridgeConfig::new(&s.bootstrap, &group, &topic, &raw),
         &json,
         &bucket,
-        "",
     ) + "\n[metrics]\nlisten = \"127.0.0.1:0\"\n";
     let mut bridge = Bridge::start_text(&config, &[]);
-    let raw_got = raw_inbox.pull(recs.len(), PULL).await;
-    let json_got = json_inbox.pull(recs.len(), PULL).await;
-    assert_eq!(
-        raw_got.len(),
-        recs.len(),
-        "raw; log:\n{}",
-        bridge.log_text()
-    );
-    assert_eq!(
-        json_got.len(),
-        recs.len(),
-        "json; log:\n{}",
-        bridge.log_text()
-    );
+    let raw_got = raw_inbox.pull(n, PULL).await;
+    let json_got = json_inbox.pull(n, PULL).await;
+    assert_eq!(raw_got.len(), n, "raw; log:\n{}", bridge.log_text());
+    assert_eq!(json_got.len(), n, "json; log:\n{}", bridge.log_text());
     let ends = high_watermarks(&cc, &topic, 2);
     wait_for_commits(&cc, &group, &topic, &ends);
 
@@ -101,14 +149,14 @@ async fn one_connection_feeds_the_raw_topic_the_json_topic_and_the_archive() {
     }
     candids.sort();
     candids.dedup();
-    assert_eq!(candids.len(), recs.len());
+    assert_eq!(candids.len(), n);
 
     // The archive: {topic}/{objectId}/{candid}.avro, the payload untouched,
     // the attributes as metadata.
     let objects = list_objects(&gcs, &bucket);
     assert_eq!(
         objects.len(),
-        recs.len(),
+        n,
         "{:?}",
         objects.iter().map(|o| &o.name).collect::<Vec<_>>()
     );
@@ -134,7 +182,7 @@ async fn one_connection_feeds_the_raw_topic_the_json_topic_and_the_archive() {
     }
     let (_, metrics) = http_get_metrics(&mut bridge);
     assert!(
-        metrics.contains(&format!("ztfhook_objects_created_total {}", recs.len())),
+        metrics.contains(&format!("ztfhook_objects_created_total {}", n)),
         "{metrics}"
     );
     bridge.stop();
@@ -160,22 +208,19 @@ fn metrics_address(bridge: &Bridge) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_there_already_with_the_same_bytes_counts_as_written_and_one_with_other_bytes_is_kept_and_dead_lettered(
 ) {
-    let s = services();
-    let gcs = storage_emulator();
-    let (topic, group, raw, dlq) = (
-        unique("again"),
-        unique("group"),
-        unique("raw"),
-        unique("dlq"),
-    );
-    let bucket = unique("archive").to_lowercase();
-    create_bucket(&gcs, &bucket);
-    let cc = kafka_config(&s.bootstrap, &[]);
-    create_kafka_topic(&cc, &topic, 1).await;
-    let mut inbox = Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &raw).await).await;
-    let mut dead = Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &dlq).await).await;
-    let payloads: Vec<Vec<u8>> = ztf_samples().into_iter().take(4).map(|(_, b)| b).collect();
-    produce(&cc, &topic, &records(&payloads, 1)).await;
+    let Stage {
+        s,
+        gcs,
+        topic,
+        group,
+        raw,
+        bucket,
+        cc,
+        mut inbox,
+        payloads,
+    } = Stage::new("again", first_samples(4), 1, true).await;
+    let dlq = unique("dlq");
+    let mut dead = subscribe(&s, &dlq).await;
     // Offset 1 was archived before a crash, uncommitted: a redelivery. The
     // name of offset 2 holds other bytes (a template not unique to one
     // message): they must stay as they are, and the message not count as
@@ -235,14 +280,18 @@ async fn an_object_there_already_with_the_same_bytes_counts_as_written_and_one_w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_committed_until_cloud_storage_has_the_object() {
-    let s = services();
-    let (topic, group, raw) = (unique("gated"), unique("group"), unique("raw"));
-    let bucket = unique("archive").to_lowercase();
-    let cc = kafka_config(&s.bootstrap, &[]);
-    create_kafka_topic(&cc, &topic, 1).await;
-    let mut inbox = Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &raw).await).await;
-    let payloads: Vec<Vec<u8>> = ztf_samples().into_iter().take(5).map(|(_, b)| b).collect();
-    produce(&cc, &topic, &records(&payloads, 1)).await;
+    // The bucket is made only on the test's own Cloud Storage, below.
+    let Stage {
+        s,
+        topic,
+        group,
+        raw,
+        bucket,
+        cc,
+        mut inbox,
+        payloads,
+        ..
+    } = Stage::new("gated", first_samples(5), 1, false).await;
 
     // Cloud Storage is down when the bridge starts: Pub/Sub takes every
     // message, and still nothing may be committed.
@@ -279,22 +328,19 @@ async fn nothing_is_committed_until_cloud_storage_has_the_object() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hook_names_objects_and_a_refused_one_takes_the_error_policy_alone() {
-    let s = services();
-    let gcs = storage_emulator();
-    let (topic, group, raw, dlq) = (
-        unique("hooked"),
-        unique("group"),
-        unique("raw"),
-        unique("dlq"),
-    );
-    let bucket = unique("archive").to_lowercase();
-    create_bucket(&gcs, &bucket);
-    let cc = kafka_config(&s.bootstrap, &[]);
-    create_kafka_topic(&cc, &topic, 1).await;
-    let mut inbox = Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &raw).await).await;
-    let mut dead = Inbox::open(&s.emulator, &create_pubsub_topic(&s.emulator, &dlq).await).await;
-    let payloads: Vec<Vec<u8>> = ztf_samples().into_iter().take(6).map(|(_, b)| b).collect();
-    produce(&cc, &topic, &records(&payloads, 1)).await;
+    let Stage {
+        s,
+        gcs,
+        topic,
+        group,
+        raw,
+        bucket,
+        cc,
+        mut inbox,
+        payloads,
+    } = Stage::new("hooked", first_samples(6), 1, true).await;
+    let dlq = unique("dlq");
+    let mut dead = subscribe(&s, &dlq).await;
 
     // Objects only (no topic) for even offsets, by the hook's own name; the
     // archive and the raw topic for odd ones, except offset 3, whose name

@@ -358,21 +358,11 @@ impl Writer<'_> {
             }
             (Node::Float, Value::Float(f)) => {
                 let f = f as f32;
-                if f.is_finite() {
-                    self.out
-                        .extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
-                } else {
-                    self.out.extend_from_slice(b"null");
-                }
+                self.float(f, f.is_finite());
                 Ok(())
             }
             (Node::Double, Value::Float(f)) => {
-                if f.is_finite() {
-                    self.out
-                        .extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
-                } else {
-                    self.out.extend_from_slice(b"null");
-                }
+                self.float(f, f.is_finite());
                 Ok(())
             }
             (Node::String, Value::Str(s)) => {
@@ -431,6 +421,16 @@ impl Writer<'_> {
             _ => Err(AvroError(format!(
                 "a value that does not match its schema ({node:?})"
             ))),
+        }
+    }
+
+    /// A float in its shortest form for its width; `null` when not finite.
+    fn float<F: ryu::Float>(&mut self, f: F, finite: bool) {
+        if finite {
+            self.out
+                .extend_from_slice(ryu::Buffer::new().format_finite(f).as_bytes());
+        } else {
+            self.out.extend_from_slice(b"null");
         }
     }
 

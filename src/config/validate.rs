@@ -120,19 +120,15 @@ pub(super) fn validate_pubsub(
     at: &Locator<'_>,
     mut raw: PubsubConfig,
 ) -> Result<Pubsub, ConfigError> {
-    let fields = [
-        ("pubsub.project", Some(&mut raw.project)),
-        ("pubsub.topic", Some(&mut raw.topic)),
-        ("pubsub.dead_letter_topic", raw.dead_letter_topic.as_mut()),
-        ("pubsub.endpoint", raw.endpoint.as_mut()),
-    ];
-    for (key, field) in fields {
-        if let Some(field) = field {
-            let expanded = expand_env(field.get_ref(), &env_lookup)
-                .or_else(|m| at.invalid(field.span(), key, m))?;
-            *field.get_mut() = expanded;
-        }
-    }
+    expand_fields(
+        at,
+        [
+            ("pubsub.project", Some(&mut raw.project)),
+            ("pubsub.topic", Some(&mut raw.topic)),
+            ("pubsub.dead_letter_topic", raw.dead_letter_topic.as_mut()),
+            ("pubsub.endpoint", raw.endpoint.as_mut()),
+        ],
+    )?;
     let project = raw.project.get_ref().trim().to_string();
     if project.is_empty() || project.contains('/') {
         return at.invalid(
@@ -150,20 +146,12 @@ pub(super) fn validate_pubsub(
         ),
         None => None,
     };
-    let endpoint = match raw.endpoint {
-        Some(e) => {
-            let url = e.get_ref().trim().to_string();
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
-                return at.invalid(
-                    e.span(),
-                    "pubsub.endpoint",
-                    "expected a URL such as https://pubsub.googleapis.com",
-                );
-            }
-            Some(url)
-        }
-        None => None,
-    };
+    let endpoint = endpoint_url(
+        at,
+        raw.endpoint.as_ref(),
+        "pubsub.endpoint",
+        "https://pubsub.googleapis.com",
+    )?;
     let ordering_key = match raw.ordering_key {
         None => OrderingKeySource::None,
         Some(k) => match k.get_ref().as_str() {
@@ -466,16 +454,11 @@ pub(super) fn validate_pipeline(
     })
 }
 
-/// `[storage]`: the `@archive` bucket and object name template.
-pub(super) fn validate_storage(
+/// Expands `${NAME}` in each present field, in place.
+fn expand_fields<const N: usize>(
     at: &Locator<'_>,
-    mut raw: StorageConfig,
-) -> Result<Storage, ConfigError> {
-    let fields = [
-        ("storage.bucket", Some(&mut raw.bucket)),
-        ("storage.object", raw.object.as_mut()),
-        ("storage.endpoint", raw.endpoint.as_mut()),
-    ];
+    fields: [(&str, Option<&mut Spanned<String>>); N],
+) -> Result<(), ConfigError> {
     for (key, field) in fields {
         if let Some(field) = field {
             let expanded = expand_env(field.get_ref(), &env_lookup)
@@ -483,6 +466,39 @@ pub(super) fn validate_storage(
             *field.get_mut() = expanded;
         }
     }
+    Ok(())
+}
+
+/// An API endpoint setting: an http:// or https:// URL, trimmed.
+fn endpoint_url(
+    at: &Locator<'_>,
+    endpoint: Option<&Spanned<String>>,
+    key: &str,
+    example: &str,
+) -> Result<Option<String>, ConfigError> {
+    let Some(e) = endpoint else {
+        return Ok(None);
+    };
+    let url = e.get_ref().trim().to_string();
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return at.invalid(e.span(), key, format!("expected a URL such as {example}"));
+    }
+    Ok(Some(url))
+}
+
+/// `[storage]`: the `@archive` bucket and object name template.
+pub(super) fn validate_storage(
+    at: &Locator<'_>,
+    mut raw: StorageConfig,
+) -> Result<Storage, ConfigError> {
+    expand_fields(
+        at,
+        [
+            ("storage.bucket", Some(&mut raw.bucket)),
+            ("storage.object", raw.object.as_mut()),
+            ("storage.endpoint", raw.endpoint.as_mut()),
+        ],
+    )?;
     let bucket = raw.bucket.get_ref().trim().to_string();
     crate::objects::check_bucket(&bucket)
         .or_else(|m| at.invalid(raw.bucket.span(), "storage.bucket", m))?;
@@ -492,20 +508,13 @@ pub(super) fn validate_storage(
         None => crate::objects::Template::parse(DEFAULT_OBJECT_TEMPLATE)
             .expect("the default template parses"),
     };
-    let endpoint = match raw.endpoint {
-        Some(e) => {
-            let url = e.get_ref().trim().trim_end_matches('/').to_string();
-            if !(url.starts_with("https://") || url.starts_with("http://")) {
-                return at.invalid(
-                    e.span(),
-                    "storage.endpoint",
-                    "expected a URL such as https://storage.googleapis.com",
-                );
-            }
-            Some(url)
-        }
-        None => None,
-    };
+    let endpoint = endpoint_url(
+        at,
+        raw.endpoint.as_ref(),
+        "storage.endpoint",
+        "https://storage.googleapis.com",
+    )?
+    .map(|url| url.trim_end_matches('/').to_string());
     let max_concurrent_writes = match &raw.max_concurrent_writes {
         Some(v) => in_range(
             at,

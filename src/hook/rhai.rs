@@ -495,32 +495,10 @@ impl RhaiHook {
                             .map_err(|t| self.error(format!("`keep` must be a bool, not {t}")))?,
                     )
                 }
-                "topic" => {
-                    if !v.is_unit() {
-                        r.topics.push(v.into_string().map_err(|t| {
-                            self.error(format!("`topic` must be a string, not {t}"))
-                        })?);
-                    }
-                }
-                "topics" => {
-                    let list = v
-                        .try_cast::<Array>()
-                        .ok_or_else(|| self.error("`topics` must be an array".into()))?;
-                    r.topics.extend(self.strings(list, "`topics`")?);
-                }
-                "object" => {
-                    if !v.is_unit() {
-                        r.objects.push(v.into_string().map_err(|t| {
-                            self.error(format!("`object` must be a string, not {t}"))
-                        })?);
-                    }
-                }
-                "objects" => {
-                    let list = v
-                        .try_cast::<Array>()
-                        .ok_or_else(|| self.error("`objects` must be an array".into()))?;
-                    r.objects.extend(self.strings(list, "`objects`")?);
-                }
+                "topic" => r.topics.extend(self.optional_string(v, "`topic`")?),
+                "topics" => r.topics.extend(self.string_array(v, "`topics`")?),
+                "object" => r.objects.extend(self.optional_string(v, "`object`")?),
+                "objects" => r.objects.extend(self.string_array(v, "`objects`")?),
                 "attributes" => {
                     let attrs = v
                         .try_cast::<Map>()
@@ -546,6 +524,24 @@ impl RhaiHook {
             }
         }
         Ok(r)
+    }
+
+    /// A decision key's string, or nothing for `()`.
+    fn optional_string(&self, v: Dynamic, what: &str) -> Result<Option<String>, HookError> {
+        if v.is_unit() {
+            return Ok(None);
+        }
+        v.into_string()
+            .map(Some)
+            .map_err(|t| self.error(format!("{what} must be a string, not {t}")))
+    }
+
+    /// A decision key's array of strings.
+    fn string_array(&self, v: Dynamic, what: &str) -> Result<Vec<String>, HookError> {
+        let list = v
+            .try_cast::<Array>()
+            .ok_or_else(|| self.error(format!("{what} must be an array")))?;
+        self.strings(list, what)
     }
 
     fn strings(&self, items: Array, what: &str) -> Result<Vec<String>, HookError> {
