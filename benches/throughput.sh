@@ -15,9 +15,15 @@
 #   inflating it.
 # The broker for throughput is librdkafka's mock cluster in its own process
 # (benches/tools/mock_broker.rs); its CPU is recorded beside each figure.
-# Results: benches/results/throughput.md and .csv.
+# Results: benches/results/throughput.md and .csv (every repetition in
+# throughput-reps.csv).
 #
 #   benches/throughput.sh            # about 10 minutes after the builds
+# Sections not in the default run (SECTIONS="..."): destinations (JSON and
+# archive beside the raw topic), hotpath (issue 14's table: every baseline,
+# this build with 2 workers and 1, BEFORE_BIN's build, the fan-out to 1, 10
+# and 100 topics, REPS interleaved repetitions), profile (perf of the ZTF
+# pass-through into benches/results/profile-ztf.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -31,6 +37,10 @@ REPLAY_COPIES=${REPLAY_COPIES:-1000} # copies of the 23 ZTF samples in the tarba
 # Another build of ztfhook to measure: an A/B of two commits on one machine
 # (ZTFHOOK_BIN=/path/to/old/ztfhook SECTIONS=ztf benches/throughput.sh).
 ZTFHOOK_BIN=${ZTFHOOK_BIN:-target/release/ztfhook}
+# The hotpath section's "before" rows, interleaved with this build's in one
+# run: BEFORE_BIN=/path/to/old/ztfhook SECTIONS=hotpath benches/throughput.sh
+BEFORE_BIN=${BEFORE_BIN:-}
+FANOUT_COPIES=${FANOUT_COPIES:-20} # copies of the 23 ZTF samples fanned out: 460 alerts
 
 scripts/setup.sh
 command -v /usr/bin/time >/dev/null || { echo "bench: needs /usr/bin/time (package time)" >&2; exit 1; }
@@ -58,16 +68,16 @@ PROJECT=ztfhook-bench
 EMU=http://$PUBSUB_EMULATOR_HOST/v1/projects/$PROJECT
 X=target/release/examples
 
-target/release/examples/mock_broker ztf_20260101_programid1:$PARTITIONS lsst-alerts-v9:$PARTITIONS ztf_20260102_programid1:$PARTITIONS >"$WORK/mock.out" 2>"$WORK/mock.err" &
+target/release/examples/mock_broker ztf_20260101_programid1:$PARTITIONS lsst-alerts-v9:$PARTITIONS ztf_20260102_programid1:$PARTITIONS ztf-fanout:16 >"$WORK/mock.out" 2>"$WORK/mock.err" &
 MOCK_PID=$!
 for _ in $(seq 100); do grep -q bootstrap= "$WORK/mock.out" 2>/dev/null && break; sleep 0.1; done
 MOCK=$(sed -n 's/^bootstrap=//p' "$WORK/mock.out")
 echo "bench: mock broker at $MOCK" >&2
 want() { [[ " ${SECTIONS:-ztf rubin latency tansu replay} " == *" $1 "* ]]; }
-if want ztf || want destinations; then
+if want ztf || want destinations || want hotpath || want profile; then
   $X/load_alerts --bootstrap "$MOCK" --topic ztf_20260101_programid1 --partitions $PARTITIONS --copies "$N_ZTF" tests/data/alerts/ztf >&2
 fi
-{ want rubin || want destinations; } && $X/load_alerts --bootstrap "$MOCK" --topic lsst-alerts-v9 --partitions $PARTITIONS --copies "$N_RUBIN" \
+{ want rubin || want destinations || want hotpath; } && $X/load_alerts --bootstrap "$MOCK" --topic lsst-alerts-v9 --partitions $PARTITIONS --copies "$N_RUBIN" \
   tests/data/alerts/rubin/lsst_v9_0_wire_*.avro >&2
 ZTF_N=$((23 * N_ZTF))
 RUBIN_N=$((4 * N_RUBIN))
@@ -135,11 +145,17 @@ run_raw_publish() { # NAME N MB FILES...
 }
 
 # run_ztfhook RUN BOOTSTRAP TOPIC N MB [script=FILE] [sink=discard] [subscribe]
+#   [bin=ZTFHOOK] [workers=N] [fanout=TOPICS] [perf=OUT] [json] [archive=TEMPLATE] [tansu] [loader=CMD]
 run_ztfhook() {
   local run=$1 bootstrap=$2 topic=$3 n=$4 mb=$5; shift 5
   local script="" sink=pubsub subscribe="" broker_pid=$MOCK_PID broker=mock loader="" loader_pid="" json="" archive=""
+  local bin=$ZTFHOOK_BIN workers="" fanout="" perf=""
   for a in "$@"; do
     case $a in
+      perf=*) perf=${a#perf=} ;;
+      bin=*) bin=${a#bin=} ;;
+      workers=*) workers=${a#workers=} ;;
+      fanout=*) fanout=${a#fanout=} ;;
       script=*) script=${a#script=} ;;
       sink=*) sink=${a#sink=} ;;
       subscribe) subscribe=subscribe ;;
@@ -176,6 +192,17 @@ schema_dir = "$ROOT/tests/data/schemas/lsst"
 [metrics]
 listen = "127.0.0.1:$port"
 EOF
+  if [[ -n $workers ]]; then sed -i "s/^\[pipeline\]$/[pipeline]\nworkers = $workers/" "$cfg"; fi
+  if [[ -n $fanout ]]; then
+    # A hook that sends every alert to FANOUT topics.
+    local names="" i
+    for i in $(seq "$fanout"); do
+      pubsub_topic "$ps-fan-$i"
+      names+="\"$ps-fan-$i\", "
+    done
+    printf 'fn route(msg) {\n    #{ topics: [%s] }\n}\n' "${names%, }" >"$WORK/$id.rhai"
+    printf '\n[hook]\nscript = "%s"\n' "$WORK/$id.rhai" >>"$cfg"
+  fi
   if [[ -n $script ]]; then printf '\n[hook]\nscript = "%s"\n' "$ROOT/$script" >>"$cfg"; fi
   # Beside the raw topic: the BigQuery JSON form to a second topic, and
   # (archive=TEMPLATE) every alert to an object in fake-gcs-server.
@@ -197,9 +224,17 @@ EOF
   local b0 start="" pid done_at
   mark
   b0=$(cpu_of "$broker_pid")
-  /usr/bin/time -f "%e %U %S %M" -o "$WORK/$id.time" "$ZTFHOOK_BIN" --config "$cfg" \
+  /usr/bin/time -f "%e %U %S %M" -o "$WORK/$id.time" "$bin" --config "$cfg" \
     >"$WORK/$id.out" 2>"$WORK/$id.log" &
   pid=$!
+  local perf_pid=""
+  if [[ -n $perf ]]; then
+    # Sampled on the CPU while it runs: ztfhook itself, the child of time.
+    local zpid=""
+    for _ in $(seq 100); do zpid=$(pgrep -P $pid | head -1); [[ -n $zpid ]] && break; sleep 0.05; done
+    perf record -q -F 999 -g --call-graph dwarf,16384 -p "$zpid" -o "$perf" 2>"$WORK/$id.perf.err" &
+    perf_pid=$!
+  fi
   # Timed from the first alert consumed (the group join, ~3 s on the mock,
   # is left out, as the baselines leave it out) until every alert is
   # consumed and acknowledged (in flight 0).
@@ -220,6 +255,7 @@ EOF
     sleep 0.02
   done
   done_at=$(date +%s.%N)
+  if [[ -n $perf_pid ]]; then kill -INT $perf_pid; wait $perf_pid || true; fi
   local bc
   bc=$(calc "$(cpu_of "$broker_pid") - $b0")
   if [[ -n $loader_pid ]]; then wait "$loader_pid" || true; fi
@@ -272,11 +308,13 @@ rep() {
   CSV=$WORK/rep.csv
   : >"$CSV"
   for _ in $(seq "$REPS"); do "$@"; done
+  cat "$CSV" >>"$WORK/reps.csv"
   sort -t, -k6 -n "$CSV" | sed -n "$(( (REPS + 1) / 2 ))p" >>"$all"
   CSV=$all
 }
+head -1 "$CSV" >"$WORK/reps.csv"
 
-if want ztf || want rubin || want destinations; then
+if want ztf || want rubin || want destinations || want hotpath || want profile; then
 echo "bench: warming the emulator up (not recorded)" >&2
 run_raw_publish warmup "$ZTF_N" "$ZTF_MB" tests/data/alerts/ztf
 : >"$WORK/warm.csv"; head -1 "$CSV" >"$WORK/warm.csv"; mv "$WORK/warm.csv" "$CSV"
@@ -326,6 +364,76 @@ g0=$(cpu_of "$GCS_PID")
 rep run_ztfhook "ztfhook raw + JSON + archive (rubin)" "$MOCK" lsst-alerts-v9 "$RUBIN_N" "$RUBIN_MB" json \
   "archive={kafka.topic}/{diaSource.diaObjectId}/{diaSource.diaSourceId}.avro"
 echo "bench: fake-gcs-server CPU during the Rubin archive run: $(calc "$(cpu_of "$GCS_PID") - $g0") s" >&2
+
+fi
+if want hotpath; then
+# Issue 14's table: the baselines, the minimal correct bridge, the build
+# before the change (BEFORE_BIN) and this one, with two workers and with
+# one, then the cost as a hook fans every alert out to 1, 10 and 100
+# topics. Each repetition runs every row once, so a slower spell of the
+# machine falls on all of them; the median row (by alerts/s) of each is kept.
+echo "bench: hot path, ZTF and Rubin, $REPS repetitions" >&2
+RUBIN_FILES=(tests/data/alerts/rubin/lsst_v9_0_wire_*.avro)
+FAN_N=$((23 * FANOUT_COPIES))
+FAN_MB=$(du -cb tests/data/alerts/ztf/*.avro | tail -1 | awk -v c="$FANOUT_COPIES" '{printf "%.1f", $1 * c / 1e6}')
+$X/load_alerts --bootstrap "$MOCK" --topic ztf-fanout --partitions 16 --copies "$FANOUT_COPIES" tests/data/alerts/ztf >&2
+hot_rows() {
+  local survey topic n mb files sfx
+  for survey in ztf rubin; do
+    if [[ $survey == ztf ]]; then
+      topic=ztf_20260101_programid1 n=$ZTF_N mb=$ZTF_MB files=(tests/data/alerts/ztf) sfx=""
+    else
+      topic=lsst-alerts-v9 n=$RUBIN_N mb=$RUBIN_MB files=("${RUBIN_FILES[@]}") sfx=" (rubin)"
+    fi
+    run_raw_consume "$topic" "$n" "$mb"
+    run_raw_publish "$survey" "$n" "$mb" "${files[@]}"
+    run_minimal "minimal bridge ($survey)" "$topic" "$n" "$mb"
+    if [[ -n $BEFORE_BIN ]]; then
+      run_ztfhook "ztfhook pass-through, before$sfx" "$MOCK" "$topic" "$n" "$mb" "bin=$BEFORE_BIN"
+    fi
+    run_ztfhook "ztfhook pass-through$sfx" "$MOCK" "$topic" "$n" "$mb"
+    run_ztfhook "ztfhook pass-through, 1 worker$sfx" "$MOCK" "$topic" "$n" "$mb" workers=1
+    run_python "Python bridge ($survey)" "$topic" "$n" "$mb"
+  done
+  local topics
+  for topics in 1 10 100; do
+    run_ztfhook "ztfhook fan-out to $topics topics (ztf)" "$MOCK" ztf-fanout "$FAN_N" "$FAN_MB" "fanout=$topics"
+  done
+}
+all=$CSV
+CSV=$WORK/hot.csv
+: >"$CSV"
+for _ in $(seq "$REPS"); do hot_rows; done
+cat "$CSV" >>"$WORK/reps.csv"
+# The median row of each run, in the order they ran.
+cut -d, -f1 "$CSV" | awk '!seen[$0]++' | while read -r row; do
+  awk -F, -v r="$row" '$1 == r' "$CSV" | sort -t, -k6 -n | sed -n "$(( (REPS + 1) / 2 ))p"
+done >>"$all"
+CSV=$all
+
+fi
+if want profile; then
+# Where the pass-through's CPU goes (ZTF, one run, not in the table): perf
+# samples ztfhook from the group join to the last acknowledgement; the
+# report lists functions by their own share of the samples (children
+# folded in their callers are in perf.data). Needs perf (linux-perf).
+echo "bench: profile of the ZTF pass-through" >&2
+command -v perf >/dev/null || { echo "bench: profile needs perf (apt-get install linux-perf)" >&2; exit 1; }
+all=$CSV
+CSV=$WORK/profiled.csv
+head -1 "$all" >"$CSV"
+run_ztfhook "ztfhook pass-through, profiled" "$MOCK" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB" "perf=$WORK/perf.data"
+CSV=$all
+{
+  echo "# perf: ztfhook pass-through (ZTF, $ZTF_N alerts), $(date -u +%Y-%m-%d)"
+  echo "# own time (self), by library and function"
+  perf report -i "$WORK/perf.data" --no-children -g none --sort dso,symbol --stdio --percent-limit 0.7 2>/dev/null |
+    grep -E '^ +[0-9]' | head -45
+  echo "# with callees (children), by function"
+  perf report -i "$WORK/perf.data" --children -g none --sort symbol --stdio --percent-limit 3 2>/dev/null |
+    grep -E '^ +[0-9]' | head -45
+} >benches/results/profile-ztf.txt
+cat benches/results/profile-ztf.txt >&2
 
 fi
 if want latency; then
@@ -385,6 +493,8 @@ if [[ $SECTIONS != "ztf rubin latency tansu replay" && -f benches/results/throug
   mv "$WORK/merged.csv" "$CSV"
 fi
 cp "$CSV" benches/results/throughput.csv
+# Every repetition, for medians of other columns than the rate.
+cp "$WORK/reps.csv" benches/results/throughput-reps.csv
 {
   echo "# ztfhook throughput, $(date -u +%Y-%m-%d)"
   echo

@@ -4,9 +4,10 @@
 //!
 //! ```text
 //!  consumer loop ──one bounded queue per worker──▶ workers (hook, attributes, limits)
-//!        ▲             (a partition, one worker)        │ publish (never blocks)
+//!        ▲             (a partition, one worker)        │ publish: the crate's enqueue,
+//!        │                                              │ made on the worker (never blocks)
 //!        │                                              ▼
-//!        └──────────────── acks ◀─────────────── Pub/Sub publishers (tokio)
+//!        └──── acks ◀── one completion task per worker (tokio): awaits, retries
 //! ```
 //!
 //! Invariants:
@@ -35,7 +36,7 @@ use crate::metrics::Metrics;
 use crate::offsets::{Ack, Outcome};
 use crate::shutdown::{Fatal, Shutdown};
 use crate::sink::pubsub::{
-    check_topics, Delivery, Endpoint, PubsubSink, SinkError, MAX_PUBLISHERS,
+    check_topics, Completions, Delivery, Endpoint, PubsubSink, SinkError, MAX_PUBLISHERS,
 };
 use crate::source::consumer::{ConsumerLoop, Ledger, Settings};
 use crate::source::kafka::{self, KafkaSource, SourceContext, SourceError};
@@ -438,6 +439,8 @@ struct Worker {
     /// To build a fresh hook after a panic.
     hooks: Arc<dyn HookFactory>,
     sink: Arc<PubsubSink>,
+    /// This worker's completion task: it awaits what the worker publishes.
+    completions: Completions,
     acks: crossbeam_channel::Sender<Ack>,
     metrics: Arc<Metrics>,
     shutdown: Arc<Shutdown>,
@@ -486,6 +489,7 @@ impl Worker {
         Worker {
             hook,
             hooks,
+            completions: sink.completions(),
             sink,
             acks,
             metrics,
@@ -830,6 +834,7 @@ impl Worker {
             return;
         }
         self.sink.publish(
+            &self.completions,
             &publishers,
             Delivery {
                 envelope,

@@ -25,6 +25,10 @@ pub enum Fatal {
         at: String,
         reason: String,
     },
+    #[error(
+        "{at}: finishing its publish panicked (a bug); the bridge stops without committing it"
+    )]
+    CompletionPanicked { at: String },
     #[error("{at}: writing it failed permanently: {reason}")]
     ObjectFailed { at: String, reason: String },
     #[error("{at}: {reason}; no pubsub.dead_letter_topic is configured, so the bridge stops rather than skip it")]

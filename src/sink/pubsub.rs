@@ -15,10 +15,16 @@
 //!   which publishes them in the order they came (a partition's order, since
 //!   one worker takes a partition) and, after a failure, resumes the key and
 //!   publishes the failed ones again in the same order before anything newer;
+//! - a message without an ordering key is handed to the crate on the worker
+//!   (its publish is a synchronous enqueue) and awaited by that worker's one
+//!   completion task ([`PubsubSink::completions`]), which ends only when the
+//!   worker has dropped its handle and every publish has answered; only a
+//!   failed publish gets a task of its own, to retry it;
 //! - the crate's publisher queues without bound; the pipeline's in-flight
 //!   limits are what bound it.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -373,9 +379,16 @@ impl PubsubSink {
     }
 
     /// Publishes one message to each of its topics, and acknowledges it when
-    /// all have accepted it. Never blocks. Messages with an ordering key go
-    /// through their key's lane, which keeps them in order across retries.
-    pub fn publish(self: &Arc<Self>, publishers: &[Publisher], delivery: Delivery) {
+    /// all have accepted it. Never blocks: each topic's publish is handed to
+    /// the crate here and awaited by `completions`. Messages with an
+    /// ordering key go through their key's lane, which keeps them in order
+    /// across retries.
+    pub fn publish(
+        self: &Arc<Self>,
+        completions: &Completions,
+        publishers: &[Publisher],
+        delivery: Delivery,
+    ) {
         let Delivery {
             envelope,
             topics,
@@ -435,18 +448,83 @@ impl PubsubSink {
                 );
                 continue;
             }
-            let sink = Arc::clone(self);
-            let job = Arc::clone(&job);
-            self.runtime.spawn(async move {
-                let json = sink.is_json(&topic);
-                let delivered = sink
-                    .deliver(&publisher, &topic, &job, message, || {
-                        job.rebuild(&sink.options, json)
-                    })
-                    .await;
-                sink.finish(&job, topic.as_str(), delivered);
-            });
+            // The crate's publish is a synchronous enqueue: made here, on
+            // the worker, and awaited by the worker's completion task.
+            let started = std::time::Instant::now();
+            let future = publisher.publish(message);
+            completions.send(
+                Sent {
+                    job: Arc::clone(&job),
+                    topic,
+                    publisher,
+                    started,
+                },
+                future,
+            );
         }
+    }
+
+    /// Starts a completion task, for one worker: it awaits every publish
+    /// the worker makes, finishes the accepted ones and hands a failed one
+    /// to a task of its own ([`PubsubSink::deliver`]) that retries it. It
+    /// ends when the worker drops its [`Completions`] and nothing is left
+    /// to await.
+    pub fn completions(self: &Arc<Self>) -> Completions {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.runtime.spawn(Arc::clone(self).complete(rx));
+        Completions { tx }
+    }
+
+    async fn complete(self: Arc<Self>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Awaited>) {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let mut waiting = FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                next = rx.recv(), if open => match next {
+                    Some(awaited) => waiting.push(awaited.wait()),
+                    None => open = false,
+                },
+                Some((sent, result)) = waiting.next(), if !waiting.is_empty() => {
+                    // A panic here must not end the task: every publish
+                    // still waiting in it would never be acknowledged.
+                    let job = Arc::clone(&sent.job);
+                    let finished = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        self.completed(sent, result)
+                    }));
+                    if finished.is_err() {
+                        let at = job.envelope.place();
+                        self.shutdown.fail(Fatal::CompletionPanicked { at });
+                    }
+                }
+                else => return,
+            }
+        }
+    }
+
+    /// One publish answered: accepted, or handed to a retrying task.
+    fn completed(self: &Arc<Self>, sent: Sent, result: Result<String, PublishError>) {
+        let Sent {
+            job,
+            topic,
+            publisher,
+            started,
+        } = sent;
+        if result.is_ok() {
+            self.metrics
+                .published_to(topic.id(), job.envelope.payload.len(), started.elapsed());
+            return self.finish(&job, topic.as_str(), Delivered::Accepted);
+        }
+        let sink = Arc::clone(self);
+        self.runtime.spawn(async move {
+            let json = sink.is_json(&topic);
+            let delivered = sink
+                .deliver(&publisher, &topic, &job, result, started, || {
+                    job.rebuild(&sink.options, json)
+                })
+                .await;
+            sink.finish(&job, topic.as_str(), delivered);
+        });
     }
 
     /// Writes the message's payload to each object, each in its own task;
@@ -723,27 +801,31 @@ impl PubsubSink {
         }
     }
 
-    /// Publishes until Pub/Sub accepts, retrying transient errors. A request
-    /// Pub/Sub refuses is tried again message by message, so only the
-    /// message it objects to is `Refused`; `Failed` after another permanent
-    /// error (which also stops the bridge). The crate consumes what it
-    /// publishes, so `again` makes the message anew for each retry.
+    /// Sees a publish through from its first answer (`first`, for a
+    /// publish made at `started`) until Pub/Sub accepts, retrying transient
+    /// errors. A request Pub/Sub refuses is tried again message by message,
+    /// so only the message it objects to is `Refused`; `Failed` after
+    /// another permanent error (which also stops the bridge). The crate
+    /// consumes what it publishes, so `again` makes the message anew for
+    /// each retry.
     async fn deliver(
         &self,
         publisher: &Publisher,
         topic: &TopicName,
         job: &Job,
-        first: Message,
+        first: Result<String, PublishError>,
+        started: std::time::Instant,
         again: impl Fn() -> Message,
     ) -> Delivered {
-        let mut message = Some(first);
+        let mut answered = Some(first);
         let mut delay = RETRY_INITIAL;
         let mut attempt: u64 = 0;
         let mut missing_since: Option<std::time::Instant> = None;
-        let started = std::time::Instant::now();
         loop {
-            let m = message.take().unwrap_or_else(&again);
-            let result = publisher.publish(m).await;
+            let result = match answered.take() {
+                Some(result) => result,
+                None => publisher.publish(again()).await,
+            };
             if result.is_err() {
                 self.metrics.publish_failed();
             }
@@ -858,9 +940,10 @@ impl PubsubSink {
             refused: Mutex::new(None),
         };
         self.runtime.spawn(async move {
-            let first = message.clone();
+            let started = std::time::Instant::now();
+            let first = publisher.publish(message.clone()).await;
             let outcome = match sink
-                .deliver(&publisher, &dlq, &job, first, || message.clone())
+                .deliver(&publisher, &dlq, &job, first, started, || message.clone())
                 .await
             {
                 Delivered::Accepted => Outcome::DeadLettered,
@@ -890,6 +973,41 @@ struct Job {
     failed: AtomicBool,
     /// A destination that refused it alone, and why.
     refused: Mutex<Option<(String, String)>>,
+}
+
+/// A worker's handle on its completion task ([`PubsubSink::completions`]).
+pub struct Completions {
+    tx: tokio::sync::mpsc::UnboundedSender<Awaited>,
+}
+
+impl Completions {
+    fn send(&self, sent: Sent, future: PublishFuture) {
+        // The task ends only after this handle is dropped, and survives a
+        // panic in what it runs (which stops the bridge): the send fails only
+        // once the runtime has stopped, and with it every publish.
+        let _ = self.tx.send(Awaited { sent, future });
+    }
+}
+
+/// A publish made for a message, to one topic.
+struct Sent {
+    job: Arc<Job>,
+    topic: TopicName,
+    publisher: Publisher,
+    started: std::time::Instant,
+}
+
+/// A publish on its way to the completion task.
+struct Awaited {
+    sent: Sent,
+    future: PublishFuture,
+}
+
+impl Awaited {
+    async fn wait(self) -> (Sent, Result<String, PublishError>) {
+        let result = self.future.await;
+        (self.sent, result)
+    }
 }
 
 /// How one destination ended for a message.
