@@ -21,7 +21,7 @@
 #   benches/throughput.sh            # about 10 minutes after the builds
 # Sections not in the default run (SECTIONS="..."): destinations (JSON and
 # archive beside the raw topic), hotpath (issue 14's table: every baseline,
-# this build with 2 workers and 1, BEFORE_BIN's build, the fan-out to 1, 10
+# this build with its default workers and with 2, BEFORE_BIN's build, the fan-out to 1, 10
 # and 100 topics, REPS interleaved repetitions), profile (perf of the ZTF
 # pass-through into benches/results/profile-ztf.txt).
 set -euo pipefail
@@ -368,8 +368,8 @@ echo "bench: fake-gcs-server CPU during the Rubin archive run: $(calc "$(cpu_of 
 fi
 if want hotpath; then
 # Issue 14's table: the baselines, the minimal correct bridge, the build
-# before the change (BEFORE_BIN) and this one, with two workers and with
-# one, then the cost as a hook fans every alert out to 1, 10 and 100
+# before the change (BEFORE_BIN) and this one, with its default workers
+# and with two, then the cost as a hook fans every alert out to 1, 10 and 100
 # topics. Each repetition runs every row once, so a slower spell of the
 # machine falls on all of them; the median row (by alerts/s) of each is kept.
 echo "bench: hot path, ZTF and Rubin, $REPS repetitions" >&2
@@ -389,14 +389,17 @@ hot_rows() {
     run_raw_publish "$survey" "$n" "$mb" "${files[@]}"
     run_minimal "minimal bridge ($survey)" "$topic" "$n" "$mb"
     if [[ -n $BEFORE_BIN ]]; then
-      run_ztfhook "ztfhook pass-through, before$sfx" "$MOCK" "$topic" "$n" "$mb" "bin=$BEFORE_BIN"
+      run_ztfhook "ztfhook pass-through before$sfx" "$MOCK" "$topic" "$n" "$mb" "bin=$BEFORE_BIN"
     fi
     run_ztfhook "ztfhook pass-through$sfx" "$MOCK" "$topic" "$n" "$mb"
-    run_ztfhook "ztfhook pass-through, 1 worker$sfx" "$MOCK" "$topic" "$n" "$mb" workers=1
+    run_ztfhook "ztfhook pass-through 2 workers$sfx" "$MOCK" "$topic" "$n" "$mb" workers=2
     run_python "Python bridge ($survey)" "$topic" "$n" "$mb"
   done
   local topics
   for topics in 1 10 100; do
+    if [[ -n $BEFORE_BIN ]]; then
+      run_ztfhook "ztfhook fan-out to $topics topics before (ztf)" "$MOCK" ztf-fanout "$FAN_N" "$FAN_MB" "fanout=$topics" "bin=$BEFORE_BIN"
+    fi
     run_ztfhook "ztfhook fan-out to $topics topics (ztf)" "$MOCK" ztf-fanout "$FAN_N" "$FAN_MB" "fanout=$topics"
   done
 }
@@ -422,7 +425,7 @@ command -v perf >/dev/null || { echo "bench: profile needs perf (apt-get install
 all=$CSV
 CSV=$WORK/profiled.csv
 head -1 "$all" >"$CSV"
-run_ztfhook "ztfhook pass-through, profiled" "$MOCK" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB" "perf=$WORK/perf.data"
+run_ztfhook "ztfhook pass-through profiled" "$MOCK" ztf_20260101_programid1 "$ZTF_N" "$ZTF_MB" "perf=$WORK/perf.data"
 CSV=$all
 {
   echo "# perf: ztfhook pass-through (ZTF, $ZTF_N alerts), $(date -u +%Y-%m-%d)"

@@ -91,6 +91,8 @@ pub struct Metrics {
     pub hook_errors: AtomicU64,
     pub in_flight_messages: AtomicU64,
     pub in_flight_bytes: AtomicU64,
+    /// Bytes of the extra copies of fanned-out messages ([`crate::sink::copies`]).
+    pub in_flight_copy_bytes: AtomicU64,
     /// Sum of consumer lag over assigned partitions, from librdkafka statistics; -1 if unknown.
     pub lag: AtomicI64,
     /// Consumer lag per (topic, partition), from the latest statistics.
@@ -151,6 +153,7 @@ impl Default for Metrics {
             hook_errors: AtomicU64::new(0),
             in_flight_messages: AtomicU64::new(0),
             in_flight_bytes: AtomicU64::new(0),
+            in_flight_copy_bytes: AtomicU64::new(0),
             lag: AtomicI64::new(-1),
             partition_lag: Mutex::new(BTreeMap::new()),
             per_topic: Mutex::new(HashMap::new()),
@@ -422,6 +425,11 @@ impl Metrics {
             "ztfhook_in_flight_bytes",
             "Payload bytes consumed and not yet acknowledged by Pub/Sub.",
             self.in_flight_bytes.load(Relaxed) as i64,
+        );
+        gauge(
+            "ztfhook_in_flight_copy_bytes",
+            "Bytes held beyond each payload by messages on their way: a copy per destination after the first, and the JSON form.",
+            self.in_flight_copy_bytes.load(Relaxed) as i64,
         );
         gauge(
             "ztfhook_assigned_partitions",

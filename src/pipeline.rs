@@ -833,6 +833,11 @@ impl Worker {
                 .send(Ack::new(&envelope, Outcome::Published { bytes }));
             return;
         }
+        // Every destination after the first holds a copy of its own, and the
+        // JSON form is another payload: their share of the bound first.
+        let copies = (topics.len() + objects.len()).saturating_sub(1);
+        let extra = envelope.payload.len() * copies + json.as_ref().map_or(0, bytes::Bytes::len);
+        let held = self.sink.copies().hold(extra, &self.shutdown);
         self.sink.publish(
             &self.completions,
             &publishers,
@@ -844,6 +849,7 @@ impl Worker {
                 ordering_key,
                 objects,
                 json,
+                held,
             },
         );
     }

@@ -623,3 +623,68 @@ async fn a_commit_follows_pubsubs_acks_and_a_sigkill_republishes_only_what_came_
     );
     assert_eq!(again.stop().code(), Some(0));
 }
+
+// ---- the bound on fanned-out copies ----------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_keeps_its_copies_within_the_bound_while_pubsub_hangs_then_delivers_everything() {
+    let s = services();
+    let em = PrivateEmulator::start();
+    let (topic, group) = (unique("fanout"), unique("group"));
+    let cc = kafka_config(&s.bootstrap, &[]);
+    create_kafka_topic(&cc, &topic, 2).await;
+    let names: Vec<String> = (0..4).map(|i| unique(&format!("fan{i}"))).collect();
+    let mut inboxes = Vec::new();
+    for name in &names {
+        inboxes.push(Inbox::open(&em.host, &create_pubsub_topic(&em.host, name).await).await);
+    }
+    let mut config = BridgeConfig::new(&s.bootstrap, &group, &topic, &names[0]);
+    config.env = vec![("PUBSUB_EMULATOR_HOST".into(), em.host.clone())];
+    // A ZTF sample is 60-75 KB: the payload bound (1 MB, the least allowed)
+    // lets about 15 through, whose three extra copies each would hold about
+    // 3 MB; the copies' own bound keeps them to 1 MB.
+    const BOUND: f64 = 1_000_000.0;
+    pipeline(&mut config, &[("max_in_flight_bytes", "1000000")]);
+    let (mut text, address) = with_metrics(&config);
+    text.push_str(&format!(
+        "\n[destinations]\ndefault = [\"@default\", \"{}\", \"{}\", \"{}\"]\n",
+        names[1], names[2], names[3]
+    ));
+    let mut bridge = Bridge::start_text_env(&text, &config.env);
+    bridge.wait_for_log("kafka: assigned", Duration::from_secs(60));
+
+    em.pause();
+    let alerts: Vec<Vec<u8>> = sample_alerts("ztf").into_iter().map(|(_, b)| b).collect();
+    produce(&cc, &topic, &records(&alerts, 2)).await;
+    let mut peak: f64 = -1.0;
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        peak = peak.max(metric(&address, "ztfhook_in_flight_copy_bytes"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        peak > 0.0,
+        "no copies counted while Pub/Sub hung (peak {peak}): {}",
+        bridge.log_text()
+    );
+    assert!(
+        peak <= BOUND,
+        "copies in flight {peak} over the bound {BOUND}"
+    );
+
+    em.resume();
+    for (name, inbox) in names.iter().zip(inboxes.iter_mut()) {
+        let got = inbox.pull(alerts.len(), PULL).await;
+        let digests = digest_counts(got.iter().map(|m| m.data.as_ref()));
+        assert_eq!(
+            digests,
+            digest_counts(alerts.iter().map(Vec::as_slice)),
+            "topic {name}: {}",
+            bridge.log_text()
+        );
+    }
+    let ends = high_watermarks(&cc, &topic, 2);
+    wait_for_commits(&cc, &group, &topic, &ends);
+    assert_eq!(metric(&address, "ztfhook_in_flight_copy_bytes"), 0.0);
+    assert_eq!(bridge.stop().code(), Some(0), "{}", bridge.log_text());
+}

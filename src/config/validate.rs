@@ -349,10 +349,13 @@ pub(super) fn validate_pipeline(
         Some(v) => in_range(at, &v, key, range, why),
         None => Ok(default),
     };
+    // One core is left to the consumer loop and the publishers' runtime: on
+    // two cores one worker keeps the pass-through's rate at 4-10% less CPU
+    // than two (benches/throughput.sh, hotpath).
     let workers = get(
         raw.workers,
         "pipeline.workers",
-        cores,
+        (cores - 1).max(1),
         1..=256,
         "worker threads",
     )?;

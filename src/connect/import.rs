@@ -342,7 +342,7 @@ pub fn import(worker: &Properties, connector: &Properties) -> Result<Imported, I
     }
     if let Some((n, a)) = number("tasks.max") {
         notes.push(format!(
-            "tasks.max = {n} ({a}): Kafka Connect's consumers in the group; ztfhook is one consumer feeding [pipeline] workers threads (default: one per CPU); to spread partitions over machines, run more ztfhook instances with the same group.id"
+            "tasks.max = {n} ({a}): Kafka Connect's consumers in the group; ztfhook is one consumer feeding [pipeline] workers threads (default: one per CPU less one); to spread partitions over machines, run more ztfhook instances with the same group.id"
         ));
     }
     for (key, why) in [

@@ -44,6 +44,7 @@ use crate::envelope::Envelope;
 use crate::metrics::Metrics;
 use crate::offsets::{Ack, Outcome};
 use crate::shutdown::{Fatal, Shutdown};
+use crate::sink::copies::{Copies, Held};
 
 /// How long the crate retries a transient error itself before handing it to
 /// ztfhook's own retry loop (which logs and retries again, without limit).
@@ -130,6 +131,9 @@ pub struct Delivery {
     /// The alert's BigQuery JSON form, for the `[bigquery] topics` among
     /// `topics`.
     pub json: Option<Bytes>,
+    /// Its share of the bound on extra copies ([`PubsubSink::copies`]),
+    /// given back when its last destination is done.
+    pub held: Held,
 }
 
 /// The most publishers kept per map (the sink's, each worker's): a hook
@@ -175,6 +179,8 @@ pub struct PubsubSink {
     objects: Option<Arc<crate::sink::storage::ObjectSink>>,
     /// Topics whose messages carry the JSON form, not the payload.
     json_topics: std::collections::HashSet<TopicName>,
+    /// The bound on fanned-out copies.
+    copies: Arc<Copies>,
 }
 
 fn credentials(endpoint: &Endpoint) -> Option<google_cloud_auth::credentials::Credentials> {
@@ -301,6 +307,7 @@ impl PubsubSink {
             endpoint: endpoint.to_string(),
             message: e.to_string(),
         })?;
+        let copies = Copies::new(config.pipeline.max_in_flight_bytes, Arc::clone(&metrics));
         Ok(PubsubSink {
             runtime: tokio::runtime::Handle::current(),
             base,
@@ -315,7 +322,15 @@ impl PubsubSink {
             metrics,
             objects,
             json_topics: config.bigquery.topics.iter().cloned().collect(),
+            copies,
         })
+    }
+
+    /// The bound on the copies a message holds beyond its payload (one per
+    /// destination after the first, its JSON form): a worker takes its
+    /// share before [`PubsubSink::publish`].
+    pub(crate) fn copies(&self) -> &Arc<Copies> {
+        &self.copies
     }
 
     /// Whether a topic's messages are the JSON form.
@@ -397,6 +412,7 @@ impl PubsubSink {
             ordering_key,
             objects,
             json,
+            held,
         } = delivery;
         let metadata = if objects.is_empty() {
             None
@@ -416,6 +432,7 @@ impl PubsubSink {
             remaining: AtomicUsize::new(topics.len() + objects.len()),
             failed: AtomicBool::new(false),
             refused: Mutex::new(None),
+            _held: held,
         });
         if let Some(metadata) = metadata {
             self.write_objects(&job, objects, metadata);
@@ -938,6 +955,7 @@ impl PubsubSink {
             remaining: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
             refused: Mutex::new(None),
+            _held: Held::none(),
         };
         self.runtime.spawn(async move {
             let started = std::time::Instant::now();
@@ -973,6 +991,8 @@ struct Job {
     failed: AtomicBool,
     /// A destination that refused it alone, and why.
     refused: Mutex<Option<(String, String)>>,
+    /// Given back when the last clone of the job is dropped.
+    _held: Held,
 }
 
 /// A worker's handle on its completion task ([`PubsubSink::completions`]).
