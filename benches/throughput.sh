@@ -431,10 +431,10 @@ CSV=$all
   echo "# perf: ztfhook pass-through (ZTF, $ZTF_N alerts), $(date -u +%Y-%m-%d)"
   echo "# own time (self), by library and function"
   perf report -i "$WORK/perf.data" --no-children -g none --sort dso,symbol --stdio --percent-limit 0.7 2>/dev/null |
-    grep -E '^ +[0-9]' | head -45
+    grep -E '^ +[0-9]' | sed -e 's/[ -]*$//' -n -e '1,45p' || true
   echo "# with callees (children), by function"
   perf report -i "$WORK/perf.data" --children -g none --sort symbol --stdio --percent-limit 3 2>/dev/null |
-    grep -E '^ +[0-9]' | head -45
+    grep -E '^ +[0-9]' | sed -e 's/[ -]*$//' -n -e '1,60p' || true
 } >benches/results/profile-ztf.txt
 cat benches/results/profile-ztf.txt >&2
 

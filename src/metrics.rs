@@ -93,6 +93,8 @@ pub struct Metrics {
     pub in_flight_bytes: AtomicU64,
     /// Bytes of the extra copies of fanned-out messages ([`crate::sink::copies`]).
     pub in_flight_copy_bytes: AtomicU64,
+    /// Workers waiting for room in that bound: the consumer loop pauses meanwhile.
+    pub copy_waiters: AtomicU64,
     /// Sum of consumer lag over assigned partitions, from librdkafka statistics; -1 if unknown.
     pub lag: AtomicI64,
     /// Consumer lag per (topic, partition), from the latest statistics.
@@ -154,6 +156,7 @@ impl Default for Metrics {
             in_flight_messages: AtomicU64::new(0),
             in_flight_bytes: AtomicU64::new(0),
             in_flight_copy_bytes: AtomicU64::new(0),
+            copy_waiters: AtomicU64::new(0),
             lag: AtomicI64::new(-1),
             partition_lag: Mutex::new(BTreeMap::new()),
             per_topic: Mutex::new(HashMap::new()),

@@ -833,10 +833,16 @@ impl Worker {
                 .send(Ack::new(&envelope, Outcome::Published { bytes }));
             return;
         }
-        // Every destination after the first holds a copy of its own, and the
-        // JSON form is another payload: their share of the bound first.
-        let copies = (topics.len() + objects.len()).saturating_sub(1);
-        let extra = envelope.payload.len() * copies + json.as_ref().map_or(0, bytes::Bytes::len);
+        // Every destination after the first holds a copy of its own (of the
+        // JSON form for a JSON topic), and the JSON form is held besides:
+        // their share of the copies' bound first.
+        let json_topics = match json {
+            Some(_) => topics.iter().filter(|t| self.sink.is_json(t)).count(),
+            None => 0,
+        };
+        let payload_copies = topics.len() - json_topics + objects.len();
+        let extra = envelope.payload.len() * payload_copies.saturating_sub(1)
+            + json.as_ref().map_or(0, |j| j.len() * (1 + json_topics));
         let held = self.sink.copies().hold(extra, &self.shutdown);
         self.sink.publish(
             &self.completions,

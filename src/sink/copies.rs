@@ -19,7 +19,15 @@
 //! - a message without extra copies (one destination, no JSON form) takes
 //!   nothing and never waits;
 //! - once the bridge is stopping nothing waits (the consumer has stopped
-//!   fetching, so what is left is the workers' short queues).
+//!   fetching, so what is left is the workers' short queues);
+//! - while a worker waits, or the copies are at their bound (until they are
+//!   below half of it), the consumer loop pauses as at its own bound (it
+//!   reads `copy_waiters` and `in_flight_copy_bytes` off [`Metrics`]); it
+//!   never waits on a worker's full queue either (it parks what the queue
+//!   cannot take), so it keeps polling;
+//! - the bound holds except for one message whose copies alone are over it,
+//!   and during a stop, when the workers' queues are published without
+//!   waiting.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -56,12 +64,18 @@ impl Copies {
             return Held::none();
         }
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        while *held > 0 && *held + bytes > self.max_bytes && !shutdown.is_stopping() {
-            held = self
-                .released
-                .wait_timeout(held, STOP_CHECK)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+        let waits = |held: usize| held > 0 && held + bytes > self.max_bytes;
+        if waits(*held) {
+            let waiters = &self.metrics.copy_waiters;
+            waiters.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            while waits(*held) && !shutdown.is_stopping() {
+                held = self
+                    .released
+                    .wait_timeout(held, STOP_CHECK)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            waiters.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
         *held += bytes;
         self.show(*held);

@@ -25,6 +25,10 @@
 //!   Pub/Sub is acknowledging (never while paused, never at shutdown, never
 //!   longer than [`REVOKE_WAIT`] or [`ACK_SILENCE`] without an ack), so a
 //!   rebalance during an outage does not hold the group;
+//! - the loop never waits on a worker: what a worker's full queue cannot take
+//!   is parked (registered, so within the in-flight bounds) and handed over,
+//!   in order, as the queue empties; meanwhile nothing more is fetched, and
+//!   the loop goes on polling (rebalances, commits, `/healthz`);
 //! - a consumer error never lets a commit pass a message: by default the loop
 //!   stops; with `kafka_errors = "skip"` the error is dead-lettered and
 //!   counted first;
@@ -34,12 +38,12 @@
 //! - the drain at shutdown and the final commit keep within
 //!   `shutdown_timeout`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use rdkafka::consumer::CommitMode;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -418,6 +422,10 @@ pub(crate) struct ConsumerLoop<S: Source> {
     ledger: SharedLedger,
     /// One queue per worker; a partition always goes to the same one.
     work: Vec<Sender<Envelope>>,
+    /// Per worker, what its full queue could not take yet, in order: the
+    /// loop never waits on a worker (it must keep polling), and these are
+    /// registered, so the in-flight bounds count them.
+    parked: Vec<VecDeque<Envelope>>,
     settings: Settings,
     dead_letter: DeadLetter,
     metrics: Arc<Metrics>,
@@ -457,6 +465,7 @@ impl<S: Source> ConsumerLoop<S> {
         ConsumerLoop {
             source,
             ledger,
+            parked: work.iter().map(|_| VecDeque::new()).collect(),
             work,
             settings,
             dead_letter,
@@ -494,11 +503,26 @@ impl<S: Source> ConsumerLoop<S> {
     /// back-pressure, one poll, chores.
     pub(crate) fn step(&mut self) {
         let limits = self.settings.limits;
+        // A worker that is behind (a slow hook, or waiting for room for its
+        // copies) leaves messages parked: fetch no more until it takes them.
+        let parked = self.unpark();
         let (full, rebalanced) = {
             let mut l = self.ledger();
             l.drain();
+            // Fanned-out copies have a bound of the same size, held by the
+            // workers (crate::sink::copies): at it, or with a worker waiting
+            // for room, pause too rather than wait on a worker's full queue.
+            // Paused for them, it resumes only below half the bound, so it
+            // does not flap at every share given back.
+            let m = &self.metrics;
+            let copies = m.in_flight_copy_bytes.load(Ordering::Relaxed) as usize;
+            let copies_full = m.copy_waiters.load(Ordering::SeqCst) > 0
+                || copies >= limits.max_in_flight_bytes
+                || (l.paused && copies >= limits.max_in_flight_bytes / 2);
             let full = l.tracker.in_flight_messages() >= limits.max_in_flight_messages
-                || l.tracker.in_flight_bytes() >= limits.max_in_flight_bytes;
+                || l.tracker.in_flight_bytes() >= limits.max_in_flight_bytes
+                || copies_full
+                || parked;
             (full, std::mem::take(&mut l.rebalanced))
         };
         if rebalanced {
@@ -557,12 +581,42 @@ impl<S: Source> ConsumerLoop<S> {
         }
         envelope.epoch = self.ledger().tracker.register(&key, envelope.offset, size);
         let worker = worker_for(&key, self.work.len());
-        if self.work[worker].send(envelope).is_err() {
-            self.shutdown.fail(Fatal::WorkerStopped {
+        if !self.parked[worker].is_empty() {
+            return self.parked[worker].push_back(envelope);
+        }
+        match self.work[worker].try_send(envelope) {
+            Ok(()) => {}
+            Err(TrySendError::Full(envelope)) => self.parked[worker].push_back(envelope),
+            Err(TrySendError::Disconnected(_)) => self.shutdown.fail(Fatal::WorkerStopped {
                 worker,
                 partition: key.to_string(),
-            });
+            }),
         }
+    }
+
+    /// Hands parked messages to their workers as far as their queues take
+    /// them; true if some are still parked.
+    fn unpark(&mut self) -> bool {
+        let mut left = false;
+        for (worker, parked) in self.parked.iter_mut().enumerate() {
+            while let Some(envelope) = parked.pop_front() {
+                match self.work[worker].try_send(envelope) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(envelope)) => {
+                        parked.push_front(envelope);
+                        left = true;
+                        break;
+                    }
+                    Err(TrySendError::Disconnected(envelope)) => {
+                        let partition = format!("{}[{}]", envelope.topic, envelope.partition);
+                        parked.clear();
+                        self.shutdown
+                            .fail(Fatal::WorkerStopped { worker, partition });
+                    }
+                }
+            }
+        }
+        left
     }
 
     fn consumer_error(&mut self, e: ConsumeError) {
@@ -785,6 +839,14 @@ impl<S: Source> ConsumerLoop<S> {
         let reserve = (timeout / 4).min(Duration::from_secs(2));
         tracing::info!("stopping: no more fetches; draining in-flight messages");
         self.set_paused(true, "stopping");
+        // What is parked goes to the workers first (they wait for nothing
+        // once stopping); what misses the deadline stays unacknowledged.
+        for (worker, parked) in self.parked.iter_mut().enumerate() {
+            for envelope in parked.drain(..) {
+                let left = deadline.saturating_duration_since(Instant::now() + reserve);
+                let _ = self.work[worker].send_timeout(envelope, left);
+            }
+        }
         self.work.clear();
         let abandoned = loop {
             let unresolved = {

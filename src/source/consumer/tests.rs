@@ -154,6 +154,10 @@ struct Rig {
 }
 
 fn rig(partitions: i32, per_partition: i64, settings: Settings) -> Rig {
+    rig_with_queue(partitions, per_partition, settings, 1000)
+}
+
+fn rig_with_queue(partitions: i32, per_partition: i64, settings: Settings, queue: usize) -> Rig {
     let metrics = Arc::new(Metrics::new());
     let (acks, ack_rx) = unbounded();
     let ledger = Arc::new(Mutex::new(Ledger::new(ack_rx, Arc::clone(&metrics))));
@@ -177,7 +181,7 @@ fn rig(partitions: i32, per_partition: i64, settings: Settings) -> Rig {
         state: Arc::new(Mutex::new(state)),
         ledger: Arc::clone(&ledger),
     };
-    let (tx, work) = bounded(1000);
+    let (tx, work) = bounded(queue);
     let shutdown = Arc::new(Shutdown::new());
     let dead = Arc::new(Mutex::new(Vec::new()));
     let d = Arc::clone(&dead);
@@ -452,4 +456,31 @@ fn a_stall_is_reported_once_a_message_waits_longer_than_stall_after() {
     r.steps(2);
     r.lp.check_stall();
     assert!(r.lp.metrics.stalled.lock().unwrap().is_none());
+}
+
+#[test]
+fn a_worker_queue_that_is_full_parks_messages_the_loop_goes_on_and_hands_them_over_in_order() {
+    let (stepped, steps_done) = std::sync::mpsc::channel();
+    let (offsets, got) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // A worker that takes nothing for now: its queue holds 2 of the 10.
+        let mut r = rig_with_queue(1, 10, settings(100), 2);
+        r.steps(40);
+        let parked: usize = r.lp.parked.iter().map(VecDeque::len).sum();
+        stepped.send(parked).unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 10 {
+            while let Ok(e) = r.work.try_recv() {
+                seen.push(e.offset);
+            }
+            r.lp.step();
+        }
+        offsets.send(seen).unwrap();
+    });
+    let parked = steps_done
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the loop waited on a full worker queue instead of going on");
+    assert_eq!(parked, 1, "one parked, and nothing more fetched meanwhile");
+    let seen = got.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(seen, (0..10).collect::<Vec<i64>>(), "handed over in order");
 }
