@@ -25,10 +25,12 @@
 //!   Pub/Sub is acknowledging (never while paused, never at shutdown, never
 //!   longer than [`REVOKE_WAIT`] or [`ACK_SILENCE`] without an ack), so a
 //!   rebalance during an outage does not hold the group;
-//! - the loop never waits on a worker: what a worker's full queue cannot take
-//!   is parked (registered, so within the in-flight bounds) and handed over,
-//!   in order, as the queue empties; meanwhile nothing more is fetched, and
-//!   the loop goes on polling (rebalances, commits, `/healthz`);
+//! - the loop never waits long on a worker: what a worker's full queue cannot
+//!   take is parked (registered, so within the in-flight bounds) and handed
+//!   over, in order, as the queue empties (each step waits up to
+//!   [`UNPARK_WAIT`] for a slot); meanwhile nothing more is fetched, and as
+//!   at the in-flight bound the loop pauses within [`PAUSE_AFTER`] and goes
+//!   on polling (rebalances, commits, `/healthz`);
 //! - a consumer error never lets a commit pass a message: by default the loop
 //!   stops; with `kafka_errors = "skip"` the error is dead-lettered and
 //!   counted first;
@@ -43,7 +45,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use rdkafka::consumer::CommitMode;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -58,6 +60,8 @@ use crate::source::subscription::Subscription;
 /// paused (until then the loop only waits for acknowledgements: a pause
 /// purges librdkafka's prefetch).
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
+/// How long a step waits for a busy worker to take a parked message.
+const UNPARK_WAIT: Duration = Duration::from_millis(5);
 /// The longest a revoke waits for the revoked partitions' in-flight messages.
 pub(crate) const REVOKE_WAIT: Duration = Duration::from_secs(10);
 /// A revoke stops waiting when no acknowledgement has come for this long:
@@ -522,7 +526,10 @@ impl<S: Source> ConsumerLoop<S> {
             let full = l.tracker.in_flight_messages() >= limits.max_in_flight_messages
                 || l.tracker.in_flight_bytes() >= limits.max_in_flight_bytes
                 || copies_full
-                || parked;
+                || parked
+                // Paused, it resumes only once the workers' queues are
+                // half empty, so a slow worker does not make it flap.
+                || (l.paused && self.work.iter().any(|w| w.capacity().is_some_and(|c| w.len() * 2 > c)));
             (full, std::mem::take(&mut l.rebalanced))
         };
         if rebalanced {
@@ -595,19 +602,21 @@ impl<S: Source> ConsumerLoop<S> {
     }
 
     /// Hands parked messages to their workers as far as their queues take
-    /// them; true if some are still parked.
+    /// them, waiting up to [`UNPARK_WAIT`] per worker for a free slot (so a
+    /// busy worker is fed as soon as it takes one); true if some are still
+    /// parked.
     fn unpark(&mut self) -> bool {
         let mut left = false;
         for (worker, parked) in self.parked.iter_mut().enumerate() {
             while let Some(envelope) = parked.pop_front() {
-                match self.work[worker].try_send(envelope) {
+                match self.work[worker].send_timeout(envelope, UNPARK_WAIT) {
                     Ok(()) => {}
-                    Err(TrySendError::Full(envelope)) => {
+                    Err(SendTimeoutError::Timeout(envelope)) => {
                         parked.push_front(envelope);
                         left = true;
                         break;
                     }
-                    Err(TrySendError::Disconnected(envelope)) => {
+                    Err(SendTimeoutError::Disconnected(envelope)) => {
                         let partition = format!("{}[{}]", envelope.topic, envelope.partition);
                         parked.clear();
                         self.shutdown
@@ -841,10 +850,14 @@ impl<S: Source> ConsumerLoop<S> {
         self.set_paused(true, "stopping");
         // What is parked goes to the workers first (they wait for nothing
         // once stopping); what misses the deadline stays unacknowledged.
+        // After a worker's first miss the rest of its list stays behind too,
+        // so nothing is published ahead of a message left unpublished.
         for (worker, parked) in self.parked.iter_mut().enumerate() {
             for envelope in parked.drain(..) {
                 let left = deadline.saturating_duration_since(Instant::now() + reserve);
-                let _ = self.work[worker].send_timeout(envelope, left);
+                if self.work[worker].send_timeout(envelope, left).is_err() {
+                    break;
+                }
             }
         }
         self.work.clear();
