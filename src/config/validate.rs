@@ -350,7 +350,7 @@ pub(super) fn validate_pipeline(
         None => Ok(default),
     };
     // One core is left to the consumer loop and the publishers' runtime: on
-    // two cores one worker keeps the pass-through's rate at 4-10% less CPU
+    // two cores one worker keeps the pass-through's rate at 7-9% less CPU
     // than two (benches/throughput.sh, hotpath).
     let workers = get(
         raw.workers,
