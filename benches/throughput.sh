@@ -303,13 +303,15 @@ SECTIONS=${SECTIONS:-ztf rubin latency tansu replay}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 # rep CMD...: runs a measurement REPS times and keeps the median row (by
 # alerts/s): the emulator's speed varies from run to run.
+# The median of REPS rows on stdin, by alerts/s.
+median_row() { sort -t, -k6 -n | sed -n "$(( (REPS + 1) / 2 ))p"; }
 rep() {
   local all=$CSV
   CSV=$WORK/rep.csv
   : >"$CSV"
   for _ in $(seq "$REPS"); do "$@"; done
   cat "$CSV" >>"$WORK/reps.csv"
-  sort -t, -k6 -n "$CSV" | sed -n "$(( (REPS + 1) / 2 ))p" >>"$all"
+  median_row <"$CSV" >>"$all"
   CSV=$all
 }
 head -1 "$CSV" >"$WORK/reps.csv"
@@ -410,7 +412,7 @@ for _ in $(seq "$REPS"); do hot_rows; done
 cat "$CSV" >>"$WORK/reps.csv"
 # The median row of each run, in the order they ran.
 cut -d, -f1 "$CSV" | awk '!seen[$0]++' | while read -r row; do
-  awk -F, -v r="$row" '$1 == r' "$CSV" | sort -t, -k6 -n | sed -n "$(( (REPS + 1) / 2 ))p"
+  awk -F, -v r="$row" '$1 == r' "$CSV" | median_row
 done >>"$all"
 CSV=$all
 

@@ -587,18 +587,10 @@ impl<S: Source> ConsumerLoop<S> {
             self.metrics.tombstones.fetch_add(1, Ordering::Relaxed);
         }
         envelope.epoch = self.ledger().tracker.register(&key, envelope.offset, size);
+        // Behind what is parked for its worker already, so in order.
         let worker = worker_for(&key, self.work.len());
-        if !self.parked[worker].is_empty() {
-            return self.parked[worker].push_back(envelope);
-        }
-        match self.work[worker].try_send(envelope) {
-            Ok(()) => {}
-            Err(TrySendError::Full(envelope)) => self.parked[worker].push_back(envelope),
-            Err(TrySendError::Disconnected(_)) => self.shutdown.fail(Fatal::WorkerStopped {
-                worker,
-                partition: key.to_string(),
-            }),
-        }
+        self.parked[worker].push_back(envelope);
+        self.hand_over(worker, Duration::ZERO);
     }
 
     /// Hands parked messages to their workers as far as their queues take
@@ -607,25 +599,46 @@ impl<S: Source> ConsumerLoop<S> {
     /// parked.
     fn unpark(&mut self) -> bool {
         let mut left = false;
-        for (worker, parked) in self.parked.iter_mut().enumerate() {
-            while let Some(envelope) = parked.pop_front() {
-                match self.work[worker].send_timeout(envelope, UNPARK_WAIT) {
-                    Ok(()) => {}
-                    Err(SendTimeoutError::Timeout(envelope)) => {
-                        parked.push_front(envelope);
-                        left = true;
-                        break;
-                    }
-                    Err(SendTimeoutError::Disconnected(envelope)) => {
-                        let partition = format!("{}[{}]", envelope.topic, envelope.partition);
-                        parked.clear();
-                        self.shutdown
-                            .fail(Fatal::WorkerStopped { worker, partition });
-                    }
+        for worker in 0..self.parked.len() {
+            left |= self.hand_over(worker, UNPARK_WAIT);
+        }
+        left
+    }
+
+    /// Hands a worker's parked messages over in order, waiting up to `wait`
+    /// for a slot each; true if some are still parked.
+    fn hand_over(&mut self, worker: usize, wait: Duration) -> bool {
+        let parked = &mut self.parked[worker];
+        let queue = &self.work[worker];
+        while let Some(envelope) = parked.pop_front() {
+            // A free slot is taken at once; only a full queue is waited on
+            // (crossbeam's send_timeout spins first even for no wait).
+            let sent = match queue.try_send(envelope) {
+                Ok(()) => Ok(()),
+                Err(TrySendError::Full(envelope)) if wait.is_zero() => {
+                    Err(SendTimeoutError::Timeout(envelope))
+                }
+                Err(TrySendError::Full(envelope)) => queue.send_timeout(envelope, wait),
+                Err(TrySendError::Disconnected(envelope)) => {
+                    Err(SendTimeoutError::Disconnected(envelope))
+                }
+            };
+            match sent {
+                Ok(()) => {}
+                Err(SendTimeoutError::Timeout(envelope)) => {
+                    parked.push_front(envelope);
+                    return true;
+                }
+                Err(SendTimeoutError::Disconnected(envelope)) => {
+                    parked.clear();
+                    let partition = format!("{}[{}]", envelope.topic, envelope.partition);
+                    self.shutdown
+                        .fail(Fatal::WorkerStopped { worker, partition });
+                    return false;
                 }
             }
         }
-        left
+        false
     }
 
     fn consumer_error(&mut self, e: ConsumeError) {
